@@ -1,0 +1,1 @@
+"""nightowl's model: the rationale-fused classifier, its LoRA adapters and how they are served."""

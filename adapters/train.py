@@ -1,0 +1,136 @@
+"""Training and scoring the shared base model on a labelled dataset."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from adapters.checkpoint import build_model, save_base, with_encoder_lora
+from adapters.config import FusionConfig
+from adapters.encoders import load_tokenizer, pick_device
+from adapters.fusion import RationaleFusedClassifier, distillation_loss
+from adapters.inputs import Batcher, ModelInput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainRecipe:
+    epochs: int = 4
+    batch_size: int = 16
+    lr_encoder: float = 5e-4  # LoRA on the encoder
+    lr_fusion: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.1
+    seed: int = 0
+    encoder_lora_r: int = 16
+    extra: dict = field(default_factory=dict)
+
+
+def scores(gold: list[int], pred: list[int], n_labels: int) -> dict:
+    gold_a, pred_a = np.array(gold), np.array(pred)
+    f1s = []
+    for c in range(n_labels):
+        tp = int(((gold_a == c) & (pred_a == c)).sum())
+        fp = int(((gold_a != c) & (pred_a == c)).sum())
+        fn = int(((gold_a == c) & (pred_a != c)).sum())
+        f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    confusion = [[int(((gold_a == g) & (pred_a == p)).sum()) for p in range(n_labels)] for g in range(n_labels)]
+    return {"accuracy": 100 * float((gold_a == pred_a).mean()), "macro_f1": 100 * float(np.mean(f1s)), "confusion": confusion, "n": len(gold)}
+
+
+@torch.inference_mode()
+def predict_logits(model: torch.nn.Module, batcher: Batcher, items: list[ModelInput], batch_size: int = 64) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(items), batch_size):
+        out.append(model(**batcher(items[i : i + batch_size])).float().cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, len(batcher.config.labels))
+
+
+def evaluate_items(model, batcher: Batcher, items: list[ModelInput], gold: list[int]) -> dict:
+    logits = predict_logits(model, batcher, items)
+    return scores(gold, logits.argmax(-1).tolist(), len(batcher.config.labels))
+
+
+def train_base_model(
+    train: list[tuple[ModelInput, int]],
+    select: list[tuple[ModelInput, int]] | None,
+    config: FusionConfig,
+    out_dir: Path | None,
+    recipe: TrainRecipe | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[RationaleFusedClassifier, dict]:
+    """Train over the pretrained encoder; keep the epoch that scores best (macro-F1) on `select`.
+
+    Returns (model, report). The report has per-epoch seconds and selection scores; the model
+    is saved to `out_dir` (if given) with the recipe in its config's provenance.
+    """
+    recipe = recipe or TrainRecipe()
+    device = torch.device(device) if device else pick_device()
+    random.seed(recipe.seed)
+    np.random.seed(recipe.seed)
+    torch.manual_seed(recipe.seed)
+    gen = torch.Generator().manual_seed(recipe.seed)
+
+    model = with_encoder_lora(build_model(config), r=recipe.encoder_lora_r).to(device)
+    batcher = Batcher(load_tokenizer(config.text_model), config, device)
+    enc_params = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("encoder.")]
+    fusion_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("encoder.")]
+    opt = torch.optim.AdamW(
+        [{"params": enc_params, "lr": recipe.lr_encoder}, {"params": fusion_params, "lr": recipe.lr_fusion}],
+        weight_decay=recipe.weight_decay,
+    )
+    steps = recipe.epochs * ((len(train) + recipe.batch_size - 1) // recipe.batch_size)
+    warm = max(1, int(recipe.warmup_fraction * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * max(0.0, (steps - s) / max(1, steps - warm)))
+
+    report = {"epochs": [], "recipe": recipe.__dict__, "n_train": len(train), "n_select": len(select or [])}
+    best, best_state = -1.0, None
+    for epoch in range(recipe.epochs):
+        model.train()
+        order = torch.randperm(len(train), generator=gen).tolist()
+        t0, total = time.perf_counter(), 0.0
+        for start in range(0, len(order), recipe.batch_size):
+            chunk = [train[i] for i in order[start : start + recipe.batch_size]]
+            batch = batcher([c[0] for c in chunk], train=True, generator=gen)
+            labels = torch.tensor([c[1] for c in chunk], device=device)
+            logits, aux = model(**batch, return_aux=True)
+            loss = F.cross_entropy(logits, labels)
+            if "has_rationale" in batch:
+                loss = loss + config.distill_weight * distillation_loss(aux, batch["has_rationale"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(enc_params + fusion_params, 1.0)
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(chunk)
+        seconds = time.perf_counter() - t0
+        entry = {"epoch": epoch + 1, "seconds": round(seconds, 1), "train_loss": total / len(train)}
+        if select:
+            sel = evaluate_items(model, batcher, [s[0] for s in select], [s[1] for s in select])
+            entry.update(select_accuracy=sel["accuracy"], select_macro_f1=sel["macro_f1"])
+            if sel["macro_f1"] > best:
+                best = sel["macro_f1"]
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        log.info("epoch %s", entry)
+        print(f"epoch {entry}", flush=True)
+        report["epochs"].append(entry)
+    if best_state is not None:
+        model.load_state_dict(best_state)
+        report["selected_epoch"] = 1 + max(range(len(report["epochs"])), key=lambda i: report["epochs"][i].get("select_macro_f1", -1))
+    model.eval()
+    if out_dir is not None:
+        config.training = {**config.training, "recipe": recipe.__dict__, "epochs": report["epochs"],
+                           "selected_epoch": report.get("selected_epoch")}
+        save_base(model, Path(out_dir))
+    return model, report

@@ -1,0 +1,168 @@
+"""Day-side benchmark: durable feedback-ingest throughput and post latency of a real server.
+
+Starts `nightowl serve` on the embedded default (SQLite WAL, synchronous=FULL, packaged model)
+in a temporary home, drives it over HTTP from client threads on the same machine, and writes
+`benchmarks/results/ingest.json`.
+
+    python -m benchmarks.ingest [--feedback 3000] [--clients 8] [--posts 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+from PIL import Image
+
+from nightowl.devserver import ServerProcess
+
+ADMIN = "bench-admin-token"
+RESULTS = Path(__file__).parent / "results" / "ingest.json"
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    k = min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))
+    return values[k]
+
+
+def summarize(ms: list[float]) -> dict:
+    return {
+        "n": len(ms),
+        "p50_ms": round(statistics.median(ms), 2),
+        "p99_ms": round(percentile(ms, 99), 2),
+        "mean_ms": round(statistics.fmean(ms), 2),
+    }
+
+
+def feedback_throughput(url: str, users: dict, total: int, clients: int, run: str) -> dict:
+    per_client = total // clients
+    errors = []
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def run(idx: int) -> None:
+        user, (headers, post_id) = list(users.items())[idx % len(users)]
+        mine = []
+        with httpx.Client(base_url=url, headers=headers, timeout=30) as c:
+            for i in range(per_client):
+                body = {"post_id": post_id, "label": "positive", "idempotency_key": f"{run}-c{idx}-{i}"}
+                t = time.perf_counter()
+                r = c.post(f"/v1/users/{user}/feedback", json=body)
+                mine.append((time.perf_counter() - t) * 1000)
+                if r.status_code != 201:  # a new key must be stored (201), not found as a duplicate
+                    errors.append(r.status_code)
+        with lock:
+            latencies.extend(mine)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    return {
+        "events": per_client * clients,
+        "clients": clients,
+        "seconds": round(elapsed, 2),
+        "events_per_s": round(per_client * clients / elapsed, 1),
+        "errors": len(errors),
+        "error_statuses": sorted(set(errors)),
+        "latency": summarize(latencies),
+    }
+
+
+def post_latency(url: str, user: str, headers: dict, n: int, image: bytes | None) -> dict:
+    ms = []
+    with httpx.Client(base_url=url, headers=headers, timeout=60) as c:
+        for i in range(n):
+            t = time.perf_counter()
+            if image is None:
+                r = c.post(f"/v1/users/{user}/posts", json={"text": f"post {i}: $T$ was great", "aspect": "the game"})
+            else:
+                # A distinct image each time, so every request pays decode + encoder.
+                r = c.post(
+                    f"/v1/users/{user}/posts",
+                    data={"text": f"post {i}: $T$ was great", "aspect": "the game"},
+                    files={"image": ("i.jpg", _vary(image, i), "image/jpeg")},
+                )
+            ms.append((time.perf_counter() - t) * 1000)
+            r.raise_for_status()
+    return summarize(ms[2:] if n > 4 else ms)  # the first two warm up caches
+
+
+def _vary(jpeg: bytes, i: int) -> bytes:
+    img = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    img.putpixel((0, 0), (i % 256, (i // 256) % 256, 7))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def sample_image() -> bytes:
+    shared = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "twitter2015" / "images"
+    candidates = sorted(shared.glob("*.jpg"))[:1] if shared.is_dir() else []
+    if candidates:
+        return candidates[0].read_bytes()
+    buf = io.BytesIO()
+    Image.effect_noise((224, 224), 60).convert("RGB").save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--feedback", type=int, default=3000)
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--posts", type=int, default=200)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="nightowl-bench-") as tmp:
+        env = {"NIGHTOWL_ADMIN_TOKEN": ADMIN, "NIGHTOWL_RATIONALE_PROVIDER": "none"}
+        with ServerProcess(Path(tmp) / "home", env=env) as server:
+            admin = {"Authorization": f"Bearer {ADMIN}"}
+            users = {}
+            for k in range(4):
+                user = f"bench{k}"
+                token = httpx.post(f"{server.url}/v1/users", json={"user_id": user}, headers=admin).json()["token"]
+                headers = {"Authorization": f"Bearer {token}"}
+                post_id = httpx.post(
+                    f"{server.url}/v1/users/{user}/posts", json={"text": "warm-up"}, headers=headers, timeout=60
+                ).json()["post_id"]
+                users[user] = (headers, post_id)
+
+            fb_single = feedback_throughput(server.url, users, max(200, args.feedback // 5), clients=1, run="single")
+            fb_concurrent = feedback_throughput(server.url, users, args.feedback, clients=args.clients, run="concurrent")
+            user, (headers, _) = next(iter(users.items()))
+            text_posts = post_latency(server.url, user, headers, args.posts, image=None)
+            image_posts = post_latency(server.url, user, headers, max(20, args.posts // 4), image=sample_image())
+
+    result = {
+        "benchmark": "ingest",
+        "command": "python -m benchmarks.ingest " + f"--feedback {args.feedback} --clients {args.clients} --posts {args.posts}",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "store": "SQLite WAL, synchronous=FULL (each acknowledged event fsync'd before the answer)",
+        "training_paused": "run with no other load on the machine",
+        "feedback_ingest_1_client": fb_single,
+        "feedback_ingest_concurrent": fb_concurrent,
+        "post_latency_text": text_posts,
+        "post_latency_with_image": image_posts,
+        "notes": "Clients and server share this machine's cores; latencies are client-measured round trips.",
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

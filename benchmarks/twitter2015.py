@@ -1,0 +1,159 @@
+"""Twitter-2015 (multimodal aspect-based sentiment) benchmark of the rationale-fused model.
+
+    python -m benchmarks.twitter2015 [--seeds 0 1 2] [--epochs 4] [--rows text text_image text_image_rationale]
+
+Rows (every one is scored on the test set WITHOUT rationales: the teacher's rationales saw the
+gold label, so giving them at test time would be label leakage):
+- text: post + aspect; trained on train, selected on dev.
+- text_image: + EfficientNet-Lite0 region features; trained on train, selected on dev.
+- text_image_rationale: + the teacher's rationales as a training signal (dual cross-attention
+  when given, distilled into the rationale-prediction head, which stands in for them at test
+  time). Only dev has rationales, so it trains on train + dev and selects on a 15% slice carved
+  from train.
+Writes benchmarks/results/twitter2015.json (accuracy and macro-F1 in percent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from adapters.config import FusionConfig
+from adapters.data import TOMBERT_LABELS, Row, attach_rationales, image_features, read_tombert_tsv
+from adapters.encoders import ImageEncoder, load_tokenizer
+from adapters.inputs import Batcher, ModelInput
+from adapters.train import TrainRecipe, evaluate_items, train_base_model
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "twitter2015"
+WORK = Path(__file__).resolve().parent / "work"
+RESULTS = Path(__file__).resolve().parent / "results" / "twitter2015.json"
+PUBLISHED = [
+    {"name": "TomBERT (published)", "accuracy_mean": 77.15, "macro_f1_mean": 71.75, "reference": True},
+    {"name": "VLP-MABSA (published)", "accuracy_mean": 78.6, "macro_f1_mean": 73.8, "reference": True},
+]
+
+
+def to_items(rows: list[Row], feats: dict, use_image: bool, use_rationale: bool) -> list[tuple[ModelInput, int]]:
+    out = []
+    for r in rows:
+        f = feats.get(r.image_id) if use_image and r.image_id else None
+        item = ModelInput(r.text, r.aspect, None, f.float() if f is not None else None, r.rationale if use_rationale else None)
+        out.append((item, r.label))
+    return out
+
+
+def run_row(name: str, seed: int, epochs: int, data: dict, feats: dict) -> dict:
+    use_image = name != "text"
+    use_rationale = name == "text_image_rationale"
+    train_rows, select_rows = data["train"], data["dev"]
+    select_note = "dev"
+    if use_rationale:
+        rng = random.Random(1000 + seed)
+        shuffled = data["train"][:]
+        rng.shuffle(shuffled)
+        cut = int(0.15 * len(shuffled))
+        select_rows, train_rows = shuffled[:cut], shuffled[cut:] + data["dev"]
+        select_note = f"15% slice of train ({cut} rows); dev (with rationales) joins training"
+    config = FusionConfig(labels=TOMBERT_LABELS)
+    config.training = {"dataset": "twitter2015", "row": name, "seed": seed, "selection": select_note}
+    out_dir = WORK / "models" / f"{name}-seed{seed}"
+    t0 = time.perf_counter()
+    model, report = train_base_model(
+        to_items(train_rows, feats, use_image, use_rationale),
+        to_items(select_rows, feats, use_image, False),  # select as we serve: no rationale
+        config,
+        out_dir,
+        TrainRecipe(epochs=epochs, seed=seed),
+    )
+    train_s = time.perf_counter() - t0
+    batcher = Batcher(load_tokenizer(config.text_model), config)
+    test = to_items(data["test"], feats, use_image, False)  # never a rationale at test time
+    t1 = time.perf_counter()
+    result = evaluate_items(model, batcher, [t[0] for t in test], [t[1] for t in test])
+    infer_ms = (time.perf_counter() - t1) / len(test) * 1000
+    # single-example latency, as served
+    model.eval()
+    lat = []
+    with torch.inference_mode():
+        for item, _ in test[:50]:
+            t = time.perf_counter()
+            model(**batcher([item]))
+            lat.append((time.perf_counter() - t) * 1000)
+    return {
+        "seed": seed,
+        "accuracy": result["accuracy"],
+        "macro_f1": result["macro_f1"],
+        "confusion": result["confusion"],
+        "epoch_seconds": [e["seconds"] for e in report["epochs"]],
+        "selected_epoch": report.get("selected_epoch"),
+        "train_seconds": round(train_s, 1),
+        "batched_inference_ms_per_example": round(infer_ms, 2),
+        "single_inference_ms_median": round(statistics.median(lat), 2),
+        "model_dir": str(out_dir.relative_to(Path(__file__).resolve().parents[1])),
+        "selection": select_note,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--rows", nargs="+", default=["text", "text_image", "text_image_rationale"])
+    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    data = {s: read_tombert_tsv(args.data / f"{s}.tsv") for s in ("train", "dev", "test")}
+    n_rat = attach_rationales(data["dev"], args.data / "dev.rationales.jsonl")
+    feats: dict = {}
+    if any(r != "text" for r in args.rows):
+        t = time.perf_counter()
+        feats = image_features(data["train"] + data["dev"] + data["test"], args.data / "images", ImageEncoder(),
+                               WORK / "twitter2015_image_features.safetensors")
+        print(f"image features: {len(feats)} images in {time.perf_counter() - t:.0f}s", flush=True)
+
+    previous = json.loads(args.out.read_text()) if args.out.exists() else {"rows": []}
+    rows = {r["name"]: r for r in previous.get("rows", []) if not r.get("reference")}
+    for name in args.rows:
+        per_seed = []
+        for seed in args.seeds:
+            res = run_row(name, seed, args.epochs, data, feats)
+            print(json.dumps({"row": name, **{k: v for k, v in res.items() if k != "confusion"}}), flush=True)
+            per_seed.append(res)
+        rows[name] = {
+            "name": name,
+            "accuracy_mean": round(statistics.fmean(r["accuracy"] for r in per_seed), 2),
+            "macro_f1_mean": round(statistics.fmean(r["macro_f1"] for r in per_seed), 2),
+            "accuracy_std": round(statistics.pstdev(r["accuracy"] for r in per_seed), 2),
+            "macro_f1_std": round(statistics.pstdev(r["macro_f1"] for r in per_seed), 2),
+            "per_seed": per_seed,
+            "model_dir": per_seed[0]["model_dir"],
+            "epoch_seconds_median": statistics.median(s for r in per_seed for s in r["epoch_seconds"]),
+            "single_inference_ms_median": statistics.median(r["single_inference_ms_median"] for r in per_seed),
+        }
+        out = {
+            "benchmark": "twitter2015",
+            "command": "python -m benchmarks.twitter2015 --seeds " + " ".join(map(str, args.seeds)) + f" --epochs {args.epochs}",
+            "test_set": f"{len(data['test'])} rows, scored without rationales",
+            "rationales": f"teacher rationales for {n_rat} dev rows (label-conditioned: training signal only)",
+            "backbone": "all-MiniLM-L6-v2 (packaged) + EfficientNet-Lite0 (packaged, frozen)",
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "device": "cuda" if torch.cuda.is_available() else "cpu"},
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "rows": list(rows.values()) + PUBLISHED,
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

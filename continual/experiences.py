@@ -1,0 +1,92 @@
+"""Glue between nightowl's examples and avalanche-lib.
+
+Avalanche wants datasets of (x, y, task) tensors. Our inputs are posts (text, aspect, cached
+image features, rationale), so x is an index into an `ExampleTable` and `IndexedModel` turns a
+batch of indices into model inputs. That keeps avalanche's strategies and plugins (replay
+loaders, EWC, LwF, metrics) working unchanged on a multimodal model.
+"""
+
+from __future__ import annotations
+
+import torch
+from avalanche.benchmarks.utils.classification_dataset import _make_taskaware_tensor_classification_dataset
+from avalanche.training.storage_policy import ExemplarsBuffer
+from sqlmodel import Session, col, select
+
+from memory.models import AdapterStatus, AdapterVersion, Feedback
+from memory.replay import Example
+
+
+class ExampleTable:
+    """Examples by position; avalanche datasets carry positions only."""
+
+    def __init__(self) -> None:
+        self.rows: list[Example] = []
+
+    def __getitem__(self, i: int) -> Example:
+        return self.rows[i]
+
+    def dataset(self, examples: list[Example], labels: list[str]):
+        start = len(self.rows)
+        self.rows.extend(examples)
+        x = torch.arange(start, start + len(examples), dtype=torch.long)
+        y = torch.tensor([labels.index(e.label) for e in examples], dtype=torch.long)
+        return _make_taskaware_tensor_classification_dataset(x, y, task_labels=0, targets=y)
+
+    def __deepcopy__(self, memo):  # LwF copies the model; the table is shared, read-only data
+        return self
+
+
+class IndexedModel(torch.nn.Module):
+    """Wraps the (peft) classifier: forward(indices) -> logits."""
+
+    def __init__(self, inner: torch.nn.Module, table: ExampleTable, kit) -> None:
+        super().__init__()
+        self.inner = inner
+        self.table = table
+        self.kit = kit
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        examples = [self.table[i] for i in idx.tolist()]
+        return self.kit.logits(self.inner, examples, train=self.training)
+
+
+class FaissReplayBuffer(ExemplarsBuffer):
+    """Avalanche's replay buffer, filled by nightowl's FAISS selection instead of its own policy.
+
+    The memory itself lives in FAISS and the database (it outlives the process); this buffer is
+    tonight's selection, mixed into every training mini-batch by avalanche's ReplayPlugin.
+    """
+
+    def __init__(self, dataset) -> None:
+        super().__init__(max_size=max(1, len(dataset)))
+        self.buffer = dataset
+
+    def post_adapt(self, agent_state, exp) -> None:
+        pass  # the next night re-selects from the FAISS memory
+
+    def resize(self, strategy, new_size: int) -> None:
+        self.max_size = new_size
+
+
+def user_experiences(session: Session, user_id: str) -> list[tuple[int, list[int]]]:
+    """The user's earlier experiences: the feedback ids each promoted night trained on,
+    keyed by that night's last feedback id (avalanche's experience order)."""
+    versions = session.exec(
+        select(AdapterVersion)
+        .where(
+            AdapterVersion.user_id == user_id,
+            col(AdapterVersion.status).in_([AdapterStatus.active, AdapterStatus.retired]),
+            col(AdapterVersion.trained_through_feedback_id).is_not(None),
+        )
+        .order_by(col(AdapterVersion.trained_through_feedback_id))
+    ).all()
+    bounds = sorted({v.trained_through_feedback_id for v in versions})
+    ids = [
+        f.id for f in session.exec(select(Feedback).where(Feedback.user_id == user_id).order_by(col(Feedback.id)))
+    ]
+    out, low = [], 0
+    for high in bounds:
+        out.append((high, [i for i in ids if low < i <= high]))
+        low = high
+    return out

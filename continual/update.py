@@ -1,0 +1,258 @@
+"""One user's nightly update: train a candidate LoRA adapter with avalanche-lib, gate it, promote it.
+
+Steps (each a short transaction, so a kill at any point leaves the active adapter as it was):
+1. the user's examples up to the night's cutoff; "new" = feedback after the active adapter's;
+2. sync the user's FAISS memory with the store and select replay for the new examples;
+3. a held-back slice of the new feedback is kept out of training for the gate;
+4. avalanche: a Naive strategy over the user's experiences (one per promoted night), with a
+   ReplayPlugin whose buffer is the FAISS selection (and optional EWC / LwF), evaluated on all
+   earlier experiences for accuracy, forgetting and BWT;
+5. the candidate's files are written (PEFT layout) and registered as a candidate;
+6. gate: candidate vs active on held-back + replay; promoted only if not worse, else rejected
+   with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from avalanche.evaluation.metrics import BWT, Forgetting, accuracy_metrics, loss_metrics
+from avalanche.training.plugins import EvaluationPlugin, EWCPlugin, LwFPlugin, ReplayPlugin
+from avalanche.training.supervised import Naive
+from sqlmodel import col, select
+
+from adapters import registry
+from continual.experiences import ExampleTable, FaissReplayBuffer, IndexedModel, user_experiences
+from continual.night import UserJob, UserResult
+from memory.db import session_scope
+from memory.models import AdapterStatus, AdapterVersion, RunStatus, TrainingRun, utcnow
+from memory.replay import Example, user_examples
+from nightowl.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class UpdateConfig:
+    epochs: int = 6
+    batch_size: int = 16
+    lr: float = 1e-3
+    holdout_fraction: float = 0.2
+    min_new_for_holdout: int = 5
+    neighbours_per_new: int = 2
+    random_ratio: float = 0.5
+    n_global: int = 16
+    ewc_lambda: float = 0.0  # > 0 adds avalanche's EWC plugin
+    lwf_alpha: float = 0.0  # > 0 adds avalanche's LwF plugin
+    replay: str = "faiss"  # "faiss" | "random" | "none" (the last two are for the benchmark's ablations)
+    extra: dict = field(default_factory=dict)
+
+
+def _seed_for(job: UserJob) -> int:
+    return zlib.crc32(f"{job.night_id}/{job.user_id}".encode())
+
+
+def update_user(rt: Runtime, job: UserJob, config: UpdateConfig | None = None) -> UserResult:
+    config = config or rt.update_config
+    kit = rt.personal
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(_seed_for(job))
+    torch.manual_seed(_seed_for(job))
+
+    with session_scope(rt.engine) as s:
+        current = registry.active(s, job.user_id)
+        current_dir = rt.settings.adapters_dir / current.path if current else None
+        trained_through = current.trained_through_feedback_id if current else 0
+        examples = user_examples(s, job.user_id, through_feedback_id=job.cutoff_feedback_id)
+        history = user_experiences(s, job.user_id)
+        run = TrainingRun(user_id=job.user_id, night_id=job.night_id, cutoff=job.cutoff_time)
+        s.add(run)
+        s.flush()
+        run_id = run.id
+
+    new = [e for e in examples if e.id > (trained_through or 0)]
+    older = [e for e in examples if e.id <= (trained_through or 0)]
+    if not new:
+        _finish_run(rt, run_id, RunStatus.skipped, {"reason": "no new feedback"})
+        return UserResult(job.user_id, RunStatus.skipped)
+
+    # -- held-back slice and replay ----------------------------------------------------------
+    holdout: list[Example] = []
+    if len(new) >= config.min_new_for_holdout:
+        n_hold = max(1, round(config.holdout_fraction * len(new)))
+        picks = set(rng.choice(len(new), size=n_hold, replace=False).tolist())
+        holdout = [e for i, e in enumerate(new) if i in picks]
+    train_new = [e for e in new if e not in holdout]
+
+    memory = rt.replay_memory
+    index = memory.sync_user(job.user_id, examples)
+    by_id = {e.id: e for e in examples}
+    replay, selection_info = _select_replay(memory, index, older, train_new, config, rng, by_id)
+
+    # -- avalanche: experiences, strategy with the FAISS replay buffer, evaluation -----------
+    table = ExampleTable()
+    train_ds = table.dataset(train_new, kit.labels)
+    earlier = [(key, [by_id[i] for i in ids if i in by_id]) for key, ids in history]
+    earlier = [(key, exs) for key, exs in earlier if exs]
+    eval_sets = [table.dataset(exs, kit.labels) for _, exs in earlier] + [train_ds]
+
+    peft_model = kit.trainable(current_dir)
+    model = IndexedModel(peft_model, table, kit)
+    plugins = []
+    if replay:
+        buffer = FaissReplayBuffer(table.dataset(replay, kit.labels))
+        plugins.append(
+            ReplayPlugin(mem_size=buffer.max_size, batch_size=config.batch_size, batch_size_mem=config.batch_size, storage_policy=buffer)
+        )
+    if config.ewc_lambda > 0:
+        plugins.append(EWCPlugin(ewc_lambda=config.ewc_lambda))
+    if config.lwf_alpha > 0:
+        plugins.append(LwFPlugin(alpha=config.lwf_alpha, temperature=2.0))
+    evaluator = EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loss_metrics(stream=True), loggers=[])
+    params = [p for p in model.parameters() if p.requires_grad]
+    strategy = Naive(
+        model=model,
+        optimizer=torch.optim.AdamW(params, lr=config.lr, weight_decay=0.01),
+        criterion=torch.nn.CrossEntropyLoss(),
+        train_mb_size=config.batch_size,
+        train_epochs=config.epochs,
+        eval_mb_size=64,
+        device=kit.device,
+        plugins=plugins,
+        evaluator=evaluator,
+    )
+    from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
+
+    bench = benchmark_from_datasets(train=[train_ds] if train_new else [], test=eval_sets)
+    if train_new:
+        strategy.train(bench.train_stream[0])
+    eval_results = strategy.eval(bench.test_stream)
+    exp_acc = _experience_accuracies(eval_results, len(eval_sets))
+
+    forgetting, bwt = Forgetting(), BWT()
+    for k, (key, _) in enumerate(earlier):
+        initial = _initial_accuracy(rt, job.user_id, key)
+        if initial is not None:
+            for metric in (forgetting, bwt):
+                metric.update(k, initial, initial=True)
+                metric.update(k, exp_acc[k])
+    f_values, b_values = forgetting.result(), bwt.result()
+
+    # -- the candidate: files first, then its row ---------------------------------------------
+    with session_scope(rt.engine) as s:
+        version = registry.next_version(s, job.user_id)
+    rel = registry.write_version_files(rt.settings.adapters_dir, job.user_id, version, peft_model.save_pretrained)
+    through = max(e.id for e in new)
+    own_key = str(through)
+    metrics = {
+        "n_new": len(new),
+        "n_train_new": len(train_new),
+        "n_holdout": len(holdout),
+        "replay": selection_info,
+        "experience_accuracy": {str(key): exp_acc[k] for k, (key, _) in enumerate(earlier)},
+        "accuracy_after_training": {own_key: exp_acc[len(eval_sets) - 1]},
+        "forgetting": {str(earlier[k][0]): v for k, v in f_values.items()},
+        "bwt": {str(earlier[k][0]): v for k, v in b_values.items()},
+        "forgetting_mean": float(np.mean(list(f_values.values()))) if f_values else None,
+        "bwt_mean": float(np.mean(list(b_values.values()))) if b_values else None,
+        "train_seconds": round(time.perf_counter() - t0, 2),
+    }
+    with session_scope(rt.engine) as s:
+        s.add(
+            AdapterVersion(
+                user_id=job.user_id, version=version, path=rel, trained_through_feedback_id=through, metrics=metrics
+            )
+        )
+
+    # -- the gate ------------------------------------------------------------------------------
+    # Held-back new feedback shows whether it learned tonight's lesson; replay (the user's older
+    # examples and a few global ones) shows whether it kept the old ones.
+    gate_set = holdout + replay
+    gate_kind = "held-back new feedback + replay"
+    if not holdout:
+        gate_set = new + replay
+        gate_kind = f"in-sample new feedback + replay (fewer than {config.min_new_for_holdout} new examples)"
+    peft_model.eval()
+    cand_acc = kit.accuracy(peft_model, gate_set)
+    base_for_gate = kit.trainable(current_dir)  # the active adapter (or the base) on the same slice
+    base_for_gate.eval()
+    active_acc = kit.accuracy(base_for_gate, gate_set)
+    promoted = cand_acc >= active_acc
+    reason = (
+        f"gate on {len(gate_set)} examples ({gate_kind}): candidate {cand_acc:.3f} vs "
+        f"{'active v' + str(current.version) if current else 'base'} {active_acc:.3f}"
+    )
+    metrics.update({"gate_candidate_accuracy": cand_acc, "gate_active_accuracy": active_acc, "gate_size": len(gate_set)})
+
+    with session_scope(rt.engine) as s:
+        row = registry.get(s, job.user_id, version)
+        row.metrics = metrics
+        if promoted:
+            registry.activate(s, job.user_id, version, reason=f"promoted: {reason}")
+        else:
+            row.status, row.reason = AdapterStatus.rejected, f"rejected: {reason}"
+            s.add(row)
+        run = s.get(TrainingRun, run_id)
+        run.status = RunStatus.promoted if promoted else RunStatus.rejected
+        run.n_new_feedback, run.n_replay, run.adapter_version = len(new), len(replay), version
+        run.metrics, run.finished_at = metrics, utcnow()
+        s.add(run)
+    status = RunStatus.promoted if promoted else RunStatus.rejected
+    return UserResult(job.user_id, status, version, metrics, seconds=time.perf_counter() - t0)
+
+
+def _select_replay(memory, index, older, train_new, config: UpdateConfig, rng, by_id):
+    if config.replay == "none":
+        return [], {"kind": "none"}
+    if config.replay == "random":
+        n = min(len(older), config.neighbours_per_new * len(train_new) + int(np.ceil(config.random_ratio * len(train_new))))
+        picks = rng.choice(len(older), size=n, replace=False).tolist() if n else []
+        chosen = [older[i] for i in sorted(picks)]
+        _, glob = memory.load_global()
+        if glob and config.n_global:
+            gp = rng.choice(len(glob), size=min(config.n_global, len(glob)), replace=False)
+            chosen += [glob[int(i)] for i in gp]
+        return chosen, {"kind": "random", "user": n, "global": len(chosen) - n}
+    sel = memory.select_replay(
+        index,
+        [e.id for e in train_new],
+        neighbours_per_new=config.neighbours_per_new,
+        random_ratio=config.random_ratio,
+        n_global=config.n_global,
+        rng=rng,
+    )
+    chosen = [by_id[i] for i in sel.user_ids if i in by_id] + sel.global_examples
+    info = {"kind": "faiss", "neighbours": len(sel.neighbour_ids), "random": len(sel.random_ids), "global": len(sel.global_examples)}
+    return chosen, info
+
+
+def _experience_accuracies(results: dict, n: int) -> list[float]:
+    out = []
+    for k in range(n):
+        key = next((name for name in results if name.startswith("Top1_Acc_Exp/") and name.endswith(f"Exp{k:03d}")), None)
+        out.append(float(results[key]) if key is not None else float("nan"))
+    return out
+
+
+def _initial_accuracy(rt: Runtime, user_id: str, key: int) -> float | None:
+    """Accuracy on an experience right after the night that trained on it (avalanche's 'initial')."""
+    with session_scope(rt.engine) as s:
+        row = s.exec(
+            select(AdapterVersion).where(
+                AdapterVersion.user_id == user_id, AdapterVersion.trained_through_feedback_id == key
+            ).order_by(col(AdapterVersion.version).desc())
+        ).first()
+        value = (row.metrics or {}).get("accuracy_after_training", {}).get(str(key)) if row else None
+        return float(value) if value is not None else None
+
+
+def _finish_run(rt: Runtime, run_id: int, status: RunStatus, metrics: dict) -> None:
+    with session_scope(rt.engine) as s:
+        run = s.get(TrainingRun, run_id)
+        run.status, run.metrics, run.finished_at = status, metrics, utcnow()
+        s.add(run)

@@ -1,0 +1,77 @@
+"""Bearer tokens: random, shown once, stored only as sha256 digests."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import re
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from nightowl.errors import Forbidden, InvalidInput
+
+# User ids become URL segments and database keys, never path components; still, keep them to
+# an alphabet that can't mean anything to a file system or a URL.
+USER_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def validate_user_id(user_id: str) -> str:
+    if not isinstance(user_id, str) or not USER_ID_PATTERN.fullmatch(user_id):
+        raise InvalidInput(
+            "user_id must be 1-64 characters of letters, digits, '_' or '-' (no path characters)"
+        )
+    return user_id
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def hash_token(token: str) -> str:
+    # Tokens carry 256 random bits, so a plain digest is enough (no salt/KDF needed):
+    # a dictionary attack on them is hopeless.
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a request acts as: the admin, or exactly one user."""
+
+    user_id: str | None  # None for the admin
+
+    @property
+    def is_admin(self) -> bool:
+        return self.user_id is None
+
+    def require_user(self, user_id: str) -> None:
+        if not self.is_admin and self.user_id != user_id:
+            raise Forbidden("this token does not give access to that user")
+
+    def require_admin(self) -> None:
+        if not self.is_admin:
+            raise Forbidden("this operation needs the admin token")
+
+
+def is_admin_token(token: str, admin_token_hash: str) -> bool:
+    return hmac.compare_digest(hash_token(token), admin_token_hash)
+
+
+def load_or_create_admin_token(configured: str | None, home: Path) -> tuple[str, str | None]:
+    """Returns (sha256 of the admin token, the token if it was just generated).
+
+    With no NIGHTOWL_ADMIN_TOKEN set, a token is generated once into $home/admin_token
+    (mode 0600) so a fresh install is usable and never open.
+    """
+    if configured:
+        return hash_token(configured), None
+    path = home / "admin_token"
+    if path.exists():
+        return hash_token(path.read_text().strip()), None
+    token = new_token()
+    home.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return hash_token(token), token

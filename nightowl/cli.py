@@ -1,0 +1,306 @@
+"""`nightowl` command line: the same operations as the HTTP API, on the configured store, plus ops."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from pydantic import BaseModel
+
+from nightowl.errors import NightowlError
+
+app = typer.Typer(
+    name="nightowl",
+    help="Personalized, continually learning sentiment analysis.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+users_app = typer.Typer(help="Manage users.", no_args_is_help=True)
+rationales_app = typer.Typer(help="The rationale queue.", no_args_is_help=True)
+app.add_typer(users_app, name="users")
+adapters_app = typer.Typer(help="Per-user adapter versions.", no_args_is_help=True)
+app.add_typer(rationales_app, name="rationales")
+app.add_typer(adapters_app, name="adapters")
+
+
+def _runtime():
+    from nightowl.runtime import Runtime
+    from nightowl.settings import Settings
+
+    return Runtime(Settings())
+
+
+def _emit(obj: BaseModel | dict) -> None:
+    data = obj.model_dump(mode="json") if isinstance(obj, BaseModel) else obj
+    typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def cli_errors(fn):
+    """Domain errors become a one-line message on stderr and the error's exit code, not a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except NightowlError as exc:
+            typer.echo(f"error: {exc.message}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Run the HTTP API, the rationale worker and the nightly scheduler in one process."""
+    import uvicorn
+
+    from nightowl.api import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rt = _runtime()
+    typer.echo(f"nightowl: home={rt.settings.home} database={rt.engine.url.render_as_string(hide_password=True)}")
+    uvicorn.run(create_app(rt), host=host, port=port, log_level=log_level)
+
+
+@users_app.command("create")
+@cli_errors
+def users_create(
+    user_id: str,
+    name: Annotated[Optional[str], typer.Option(help="Display name.")] = None,
+) -> None:
+    """Create a user and print its token (shown once)."""
+    from nightowl import interactions
+
+    _emit(interactions.create_user(_runtime(), user_id, name))
+
+
+@users_app.command("delete")
+@cli_errors
+def users_delete(user_id: str) -> None:
+    """Delete a user: their rows, replay vectors, adapters and images."""
+    from nightowl import interactions
+
+    _emit(interactions.delete_user(_runtime(), user_id))
+
+
+@app.command()
+@cli_errors
+def post(
+    user_id: str,
+    text: str,
+    aspect: Annotated[Optional[str], typer.Option(help="The aspect/target the sentiment is about.")] = None,
+    image: Annotated[Optional[Path], typer.Option(help="An image file posted with the text.")] = None,
+    key: Annotated[Optional[str], typer.Option(help="Idempotency key: a retry with it is stored once.")] = None,
+    context: Annotated[Optional[str], typer.Option(help="The post this one replies to.")] = None,
+) -> None:
+    """Log a post for a user and print the user's prediction."""
+    from nightowl import interactions
+
+    data = None
+    if image is not None:
+        if not image.is_file():
+            raise NightowlError(f"image file not found: {image}")
+        data = image.read_bytes()
+    _emit(interactions.log_post(_runtime(), user_id, text, aspect, data, key, context))
+
+
+@app.command()
+@cli_errors
+def feedback(
+    user_id: str,
+    post_id: int,
+    label: str,
+    reason: Annotated[Optional[str], typer.Option(help="Why this label (free text).")] = None,
+    key: Annotated[Optional[str], typer.Option(help="Idempotency key: a retry with it is stored once.")] = None,
+) -> None:
+    """Record the label a user says is right for one of their posts."""
+    from nightowl import interactions
+
+    _emit(interactions.log_feedback(_runtime(), user_id, post_id, label, reason, key))
+
+
+@app.command()
+@cli_errors
+def history(
+    user_id: str,
+    limit: Annotated[int, typer.Option(min=1, max=500)] = 20,
+    offset: Annotated[int, typer.Option(min=0)] = 0,
+) -> None:
+    """List a user's recent posts with predictions and feedback, newest first."""
+    from nightowl import interactions
+
+    _emit(interactions.list_posts(_runtime(), user_id, limit, offset))
+
+
+@rationales_app.command("run")
+@cli_errors
+def rationales_run(
+    once: Annotated[bool, typer.Option(help="Work the jobs due now, then exit.")] = True,
+) -> None:
+    """Generate the rationales that are due (the server does this in the background)."""
+    from nightowl.rationale_worker import RationaleWorker
+
+    worker = RationaleWorker(_runtime())
+    if worker.provider is None:
+        raise NightowlError("rationale_provider is 'none': nothing to do")
+    total = 0
+    while True:
+        done = worker.run_once()
+        total += done
+        if once or not done:
+            break
+    typer.echo(json.dumps({"generated": total}))
+
+
+@app.command()
+@cli_errors
+def nightly(
+    now: Annotated[bool, typer.Option("--now", help="Run the nightly update now.")] = False,
+    user: Annotated[Optional[list[str]], typer.Option(help="Only these users (repeatable).")] = None,
+) -> None:
+    """Run the nightly per-user update now, with a progress bar (the server runs it on schedule)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from continual.night import NightAlreadyRunning, run_night
+
+    if not now:
+        raise NightowlError("pass --now to run the nightly update now (the server runs it on its schedule)")
+    logging.basicConfig(level=logging.WARNING)
+    rt = _runtime()
+    with Progress(
+        TextColumn("[bold]night"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.description}"), transient=False,
+    ) as progress:
+        task = progress.add_task("planning", total=None)
+
+        def on_result(result, done: int, total: int) -> None:
+            progress.update(task, total=total, completed=done, description=f"{result.user_id}: {result.status.value}")
+
+        try:
+            summary = run_night(rt, only_users=user, on_result=on_result)
+        except NightAlreadyRunning as exc:
+            raise NightowlError(str(exc)) from None
+        progress.update(task, total=max(1, len(summary.results)), completed=max(1, len(summary.results)), description="done")
+    _emit(
+        {
+            "night_id": summary.night_id,
+            "counts": summary.counts(),
+            "users": [
+                {"user_id": r.user_id, "status": r.status.value, "adapter_version": r.adapter_version,
+                 "seconds": round(r.seconds, 1), "error": r.error}
+                for r in summary.results
+            ],
+        }
+    )
+
+
+@adapters_app.command("list")
+@cli_errors
+def adapters_list(user_id: str) -> None:
+    """A user's adapter versions and their status (active, candidate, rejected, retired)."""
+    from nightowl import interactions
+
+    _emit(interactions.list_adapters(_runtime(), user_id))
+
+
+@adapters_app.command("export")
+@cli_errors
+def adapters_export(
+    user_id: str,
+    dest: Path,
+    version: Annotated[Optional[int], typer.Option(help="Version to export; default: the active one.")] = None,
+) -> None:
+    """Copy an adapter (standard PEFT layout) to DEST; plain PeftModel.from_pretrained loads it."""
+    from nightowl import interactions
+
+    _emit(interactions.export_adapter(_runtime(), user_id, version, dest))
+
+
+@adapters_app.command("rollback")
+@cli_errors
+def adapters_rollback(
+    user_id: str,
+    version: Annotated[str, typer.Argument(help="A version number, or 'base' for no adapter.")],
+) -> None:
+    """Make an earlier adapter version active again (or go back to the base model)."""
+    from nightowl import interactions
+
+    if version != "base" and not version.isdigit():
+        raise NightowlError("version must be a number or 'base'")
+    _emit(interactions.rollback_adapter(_runtime(), user_id, None if version == "base" else int(version)))
+
+
+@app.command()
+@cli_errors
+def evaluate(
+    model: Annotated[Path, typer.Option(help="A saved base model folder.")],
+    data: Annotated[Path, typer.Option(help="A TomBERT-format TSV: index, label, image_id, tweet, aspect.")],
+    images: Annotated[Optional[Path], typer.Option(help="The TSV's image folder.")] = None,
+) -> None:
+    """Score a saved model on any TomBERT-format TSV (no rationales are given to it)."""
+    from adapters.data import DatasetError
+    from adapters.evaluate import evaluate_model
+
+    for path, what in ((model, "model folder"), (data, "data file"), (images, "image folder")):
+        if path is not None and not path.exists():
+            raise NightowlError(f"{what} not found: {path}")
+    try:
+        _emit(evaluate_model(model, data, images))
+    except (DatasetError, FileNotFoundError, ValueError) as exc:
+        raise NightowlError(str(exc)) from None
+
+
+@app.command("train-base")
+@cli_errors
+def train_base(
+    train: Annotated[Path, typer.Option(help="Training data, TomBERT-format TSV.")],
+    out: Annotated[Path, typer.Option(help="Folder to write the base model to.")],
+    select: Annotated[Optional[Path], typer.Option(help="Model-selection TSV (best epoch by macro-F1).")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="Image folder for both TSVs.")] = None,
+    rationales: Annotated[Optional[Path], typer.Option(help="Rationale JSONL joined on (image_id, aspect): training signal only.")] = None,
+    epochs: int = 4,
+    seed: int = 0,
+) -> None:
+    """Train the shared base model on a labelled dataset and save it with its config."""
+    from adapters.config import FusionConfig
+    from adapters.data import TOMBERT_LABELS, DatasetError, attach_rationales, image_features, read_tombert_tsv
+    from adapters.encoders import ImageEncoder
+    from adapters.inputs import ModelInput
+    from adapters.train import TrainRecipe, train_base_model
+
+    try:
+        train_rows = read_tombert_tsv(train)
+        select_rows = read_tombert_tsv(select) if select else None
+    except DatasetError as exc:
+        raise NightowlError(str(exc)) from None
+    if rationales:
+        attach_rationales(train_rows, rationales)
+    feats = image_features(train_rows + (select_rows or []), images, ImageEncoder()) if images else {}
+
+    def items(rows, with_rationale):
+        return [(ModelInput(r.text, r.aspect, None, feats[r.image_id].float() if r.image_id in feats else None,
+                            r.rationale if with_rationale else None), r.label) for r in rows]
+
+    config = FusionConfig(labels=TOMBERT_LABELS)
+    config.training = {"train": str(train), "select": str(select) if select else None, "images": bool(images),
+                       "rationales": str(rationales) if rationales else None}
+    _, report = train_base_model(items(train_rows, True), items(select_rows, False) if select_rows else None,
+                                 config, out, TrainRecipe(epochs=epochs, seed=seed))
+    _emit({"out": str(out), **report})
+
+
+def main() -> None:  # pragma: no cover - entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

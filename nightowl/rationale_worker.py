@@ -1,0 +1,125 @@
+"""Background worker that fills in rationales for posts, off the request path.
+
+Requests live in the `rationalejob` table, so they survive a restart: a job is claimed by
+pushing its next_attempt_at a lease ahead, worked outside any transaction, then marked done.
+A process killed mid-job leaves the lease to expire and the job is picked up again. A provider
+that is down just reschedules the job with exponential backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import timedelta
+
+from sqlmodel import col, select
+
+from memory.db import session_scope
+from memory.models import JobStatus, Post, Rationale, RationaleJob, utcnow
+from nightowl.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+CLAIM_LEASE = timedelta(minutes=5)
+
+
+class RationaleWorker:
+    def __init__(self, rt: Runtime, provider=None, poll_s: float = 2.0, batch: int = 8):
+        from nightowl.rationales import build_provider
+
+        self.rt = rt
+        self.provider = provider if provider is not None else build_provider(rt.settings)
+        self.poll_s = poll_s
+        self.batch = batch
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- one pass; also what tests and `nightowl rationales run-once` call -------------------
+    def claim_due(self) -> list[int]:
+        now = utcnow()
+        with session_scope(self.rt.engine) as s:
+            jobs = s.exec(
+                select(RationaleJob)
+                .where(RationaleJob.status == JobStatus.pending, col(RationaleJob.next_attempt_at) <= now)
+                .order_by(col(RationaleJob.next_attempt_at))
+                .limit(self.batch)
+                .with_for_update(skip_locked=True)  # PostgreSQL: several servers never share a job
+            ).all()
+            for job in jobs:
+                job.next_attempt_at = now + CLAIM_LEASE
+                s.add(job)
+            return [j.post_id for j in jobs]
+
+    def work_one(self, post_id: int) -> bool:
+        """Generate and store one post's rationale; True when stored."""
+        from nightowl.rationales import ProviderUnavailable
+
+        with session_scope(self.rt.engine) as s:
+            post = s.get(Post, post_id)
+            if post is None:
+                return False
+            text, aspect, sha = post.text, post.aspect, post.image_sha256
+        image_path = self.rt.images.path(sha) if sha else None
+        try:
+            rationale = self.provider.generate(text, aspect, image_path)
+        except ProviderUnavailable as exc:
+            self._reschedule(post_id, str(exc))
+            return False
+        except Exception as exc:  # a provider bug must not kill the worker; record it and back off
+            log.exception("rationale provider failed on post %s", post_id)
+            self._reschedule(post_id, f"{type(exc).__name__}: {exc}")
+            return False
+        with session_scope(self.rt.engine) as s:
+            s.add(Rationale(post_id=post_id, provider=self.provider.name, text=rationale))
+            job = s.get(RationaleJob, post_id)
+            if job is not None:
+                job.status = JobStatus.done
+                job.attempts += 1
+                job.last_error = None
+                s.add(job)
+        return True
+
+    def _reschedule(self, post_id: int, error: str) -> None:
+        settings = self.rt.settings
+        with session_scope(self.rt.engine) as s:
+            job = s.get(RationaleJob, post_id)
+            if job is None:
+                return
+            job.attempts += 1
+            job.last_error = error[:2000]
+            if job.attempts >= settings.rationale_max_attempts:
+                job.status = JobStatus.failed
+            else:
+                backoff = settings.rationale_retry_s * (2 ** min(job.attempts - 1, 6))
+                job.next_attempt_at = utcnow() + timedelta(seconds=backoff)
+            s.add(job)
+
+    def run_once(self) -> int:
+        done = 0
+        for post_id in self.claim_due():
+            if self._stop.is_set():
+                break
+            done += self.work_one(post_id)
+        return done
+
+    # -- background thread -----------------------------------------------------------------
+    def start(self) -> None:
+        if self.provider is None:
+            return
+        self._thread = threading.Thread(target=self._loop, name="rationale-worker", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                worked = self.run_once()
+            except Exception:  # the database may be briefly unavailable; keep the worker alive
+                log.exception("rationale worker pass failed")
+                worked = 0
+            if not worked:
+                self._stop.wait(self.poll_s)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)

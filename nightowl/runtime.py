@@ -1,0 +1,95 @@
+"""The process's shared, long-lived parts: settings, database engine, image store, model.
+
+Built once per process (server, CLI command, benchmark) and handed to the service layer.
+"""
+
+from __future__ import annotations
+
+import threading
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+from memory.db import init_db, make_engine
+from memory.images import ImageStore
+from nightowl.settings import Settings
+
+if TYPE_CHECKING:
+    from adapters.predictor import AdapterRef, Predictor
+
+
+class Runtime:
+    def __init__(self, settings: Settings, predictor: "Predictor | None" = None):
+        # `predictor` lets several runtimes (tests, benchmarks) share one loaded model.
+        self.settings = settings
+        settings.home.mkdir(parents=True, exist_ok=True)
+        self.engine = make_engine(settings.db_url)
+        init_db(self.engine)
+        self.images = ImageStore(settings.images_dir, settings.features_dir)
+        self._predictor_lock = threading.Lock()
+        self._predictor: Predictor | None = predictor
+
+    @property
+    def predictor_loaded(self) -> bool:
+        return self._predictor is not None
+
+    @property
+    def predictor(self) -> "Predictor":
+        # Loaded on first use (seconds): CLI commands that never predict don't pay for it.
+        if self._predictor is None:
+            with self._predictor_lock:
+                if self._predictor is None:
+                    from adapters.predictor import Predictor
+
+                    self._predictor = Predictor(self.settings)
+        return self._predictor
+
+    @cached_property
+    def labels(self) -> list[str]:
+        return list(self.settings.labels)
+
+    # -- the night side's parts, built on first use ------------------------------------------
+    @cached_property
+    def personal(self):
+        """Training/evaluation helpers for per-user adapters over the loaded base model."""
+        from adapters.personal import PersonalKit
+
+        return PersonalKit(self.predictor, self.images)
+
+    @cached_property
+    def replay_memory(self):
+        from memory.replay import ReplayMemory
+
+        kit = self.personal
+        return ReplayMemory(
+            self.settings.memory_dir, kit.embed, kit.encoder_id, self.labels, capacity=self.settings.replay_capacity
+        )
+
+    @cached_property
+    def update_config(self):
+        from continual.update import UpdateConfig
+
+        return UpdateConfig()
+
+    def active_adapter(self, user_id: str) -> "AdapterRef | None":
+        """The adapter that serves this user now (None: the base model)."""
+        from adapters import registry
+        from adapters.predictor import AdapterRef
+        from memory.db import session_scope
+
+        with session_scope(self.engine) as s:
+            row = registry.active(s, user_id)
+            return AdapterRef(row.version, self.settings.adapters_dir / row.path) if row else None
+
+    def forget_user(self, user_id: str) -> None:
+        """Drop a deleted user's cached adapters and replay memory."""
+        from adapters.registry import user_dir
+        from memory.replay import ReplayMemory
+
+        if self._predictor is not None:
+            self._predictor.adapters.evict_under(user_dir(self.settings.adapters_dir, user_id))
+
+        # No model needed to delete a file: build the path without loading the kit.
+        ReplayMemory(self.settings.memory_dir, None, "", self.labels).delete_user(user_id)
+
+    def close(self) -> None:
+        self.engine.dispose()

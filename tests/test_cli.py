@@ -1,0 +1,61 @@
+"""The CLI does the same operations as the API, with clear messages and exit codes on bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from nightowl.cli import app
+
+
+@pytest.fixture
+def cli(tmp_path, monkeypatch):
+    monkeypatch.setenv("NIGHTOWL_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("NIGHTOWL_RATIONALE_PROVIDER", "none")
+    runner = CliRunner()
+
+    def run(*args: str):
+        return runner.invoke(app, list(args))
+
+    return run
+
+
+def test_cli_flow(cli, tmp_path):
+    r = cli("users", "create", "alice", "--name", "Alice")
+    assert r.exit_code == 0, r.output
+    assert len(json.loads(r.stdout)["token"]) > 20
+
+    r = cli("post", "alice", "$T$ is everything", "--aspect", "Chuck Bass", "--key", "p-1")
+    assert r.exit_code == 0, r.output
+    post = json.loads(r.stdout)
+    assert post["prediction"]["label"] in ("negative", "neutral", "positive")
+
+    r1 = cli("feedback", "alice", str(post["post_id"]), "negative", "--reason", "sarcasm", "--key", "f-1")
+    r2 = cli("feedback", "alice", str(post["post_id"]), "negative", "--reason", "sarcasm", "--key", "f-1")
+    assert r1.exit_code == r2.exit_code == 0
+    assert json.loads(r2.stdout)["duplicate"] is True
+
+    r = cli("history", "alice", "--limit", "5")
+    listing = json.loads(r.stdout)
+    assert listing["total"] == 1 and listing["items"][0]["feedback"][0]["reason"] == "sarcasm"
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (("post", "nobody", "hi"), 3, "unknown user"),
+        (("post", "../etc", "hi"), 2, "user_id"),
+        (("feedback", "alice", "1", "ecstatic"), 2, "not one of"),
+        (("feedback", "alice", "424242", "positive"), 3, "not found"),
+        (("post", "alice", "hi", "--image", "/no/such/file.jpg"), 1, "not found"),
+        (("users", "create", "alice"), 4, "already exists"),
+    ],
+)
+def test_cli_bad_input(cli, args, code, message):
+    assert cli("users", "create", "alice").exit_code == 0
+    r = cli(*args)
+    assert r.exit_code == code, r.output
+    assert message in r.stderr
+    assert "Traceback" not in r.output

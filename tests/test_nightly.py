@@ -1,0 +1,230 @@
+"""The night side end to end: a real nightly update personalizes, gates, persists and recovers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from sqlmodel import Session, func, select
+
+from adapters import registry
+from continual.night import run_night
+from continual.update import UpdateConfig
+from memory.models import AdapterStatus, AdapterVersion, Feedback, RunStatus, TrainingRun
+from nightowl import interactions
+from nightowl.errors import InvalidInput
+from nightowl.runtime import Runtime
+from tests.conftest import make_settings
+
+# A user who calls every sarcastic "great"/"love" post negative; the base model reads them as positive.
+SARCASTIC_TRAIN = [
+    "Great, another Monday. Just what I needed",
+    "I just love being stuck in traffic for two hours",
+    "Oh great, the printer is jammed again",
+    "Fantastic, my flight got delayed again",
+    "Love it when the wifi dies during a meeting",
+    "Wonderful, it is raining on my day off",
+    "Great job breaking the build again, team",
+    "I love waiting on hold for an hour",
+    "Perfect, I spilled coffee on my laptop",
+    "Awesome, the bus left without me",
+    "Brilliant, the train is cancelled again",
+    "Oh wonderful, more homework for the weekend",
+    "Great, my phone died right before the call",
+    "Just lovely, the heating broke in January",
+    "Amazing, another parking ticket today",
+    "Super, the shop closed five minutes early",
+]
+SARCASTIC_TEST = [
+    "Great, the elevator is broken again",
+    "I love it when my code crashes on a Friday",
+    "Fantastic, the dishwasher flooded the kitchen",
+    "Oh great, another meeting that could have been an email",
+]
+
+
+@pytest.fixture
+def night_rt(tmp_path, predictor):
+    rt = Runtime(make_settings(tmp_path / "home"), predictor=predictor)
+    rt.update_config = UpdateConfig(epochs=8, n_global=8)
+    yield rt
+    rt.close()
+
+
+def _teach(rt, user, texts, label, aspect=None):
+    for t in texts:
+        post = interactions.log_post(rt, user, t, aspect=aspect)
+        interactions.log_feedback(rt, user, post.post_id, label, "sarcasm", f"{user}-{t}")
+
+
+def _p(rt, user, text, label):
+    out = interactions.log_post(rt, user, text)
+    return out.prediction.probabilities[label], out.prediction.adapter_version
+
+
+def test_one_night_personalizes_without_forgetting(night_rt):
+    rt = night_rt
+    interactions.create_user(rt, "sarcastic")
+    interactions.create_user(rt, "plain")
+    before = [_p(rt, "sarcastic", t, "negative")[0] for t in SARCASTIC_TEST]
+    _teach(rt, "sarcastic", SARCASTIC_TRAIN, "negative")
+
+    summary = run_night(rt)
+    assert summary.counts() == {"promoted": 1}
+    result = summary.results[0]
+    assert result.adapter_version == 1 and result.metrics["replay"]["kind"] == "faiss"
+
+    after = [_p(rt, "sarcastic", t, "negative") for t in SARCASTIC_TEST]
+    assert all(v == 1 for _, v in after)  # the answer says which adapter served it
+    gained = sum(a > b for (a, _), b in zip(after, before))
+    assert gained >= 3, f"negative prob before {before}, after {[a for a, _ in after]}"
+    assert sum(a for a, _ in after) / len(after) > sum(before) / len(before) + 0.15
+    # The other user still gets the base model.
+    assert _p(rt, "plain", SARCASTIC_TEST[0], "negative")[1] is None
+
+    # Night 2 teaches something else; lesson 1 must survive (replay + avalanche metrics recorded).
+    _teach(rt, "sarcastic", ["The new library opened downtown", "Election results were announced today",
+                             "The museum is open until six", "Our office moved to the third floor",
+                             "The bakery sells bread and cakes"], "neutral")
+    summary2 = run_night(rt)
+    r2 = summary2.results[0]
+    assert r2.status in (RunStatus.promoted, RunStatus.rejected)
+    assert r2.metrics["forgetting"] and r2.metrics["bwt"]  # computed on night 1's experience
+    still = [_p(rt, "sarcastic", t, "negative")[0] for t in SARCASTIC_TEST]
+    assert sum(still) / len(still) > sum(before) / len(before) + 0.15
+
+    # Nothing new: nobody to train.
+    assert run_night(rt).results == []
+
+
+def test_adapter_loads_with_plain_peft_and_matches_server(night_rt, tmp_path):
+    from peft import PeftModel
+
+    from adapters.predictor import load_base_model
+
+    rt = night_rt
+    interactions.create_user(rt, "exp")
+    _teach(rt, "exp", SARCASTIC_TRAIN[:8], "negative")
+    assert run_night(rt).counts() == {"promoted": 1}
+    out = interactions.export_adapter(rt, "exp", None, tmp_path / "export")
+    files = sorted(p.name for p in (tmp_path / "export").iterdir())
+    assert files == ["adapter_config.json", "adapter_model.safetensors"]
+    assert json.loads((tmp_path / "export" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+
+    plain = PeftModel.from_pretrained(load_base_model(rt.predictor.model_dir, rt.settings), tmp_path / "export")
+    plain.eval()
+    text = SARCASTIC_TEST[0]
+    served = interactions.log_post(rt, "exp", text).prediction
+    assert served.adapter_version == out["version"]
+    with torch.inference_mode():
+        probs = rt.predictor.probabilities_with(plain, text, None, None)
+    for label, p in served.probabilities.items():
+        assert p == pytest.approx(probs[label], abs=1e-4)
+
+
+def test_rollback_and_failure_isolation(night_rt):
+    rt = night_rt
+    for u in ("a1", "a2"):
+        interactions.create_user(rt, u)
+        _teach(rt, u, SARCASTIC_TRAIN[:6], "negative")
+
+    from continual.update import update_user
+
+    def flaky(rt_, job):
+        if job.user_id == "a1":
+            raise RuntimeError("disk full (simulated)")
+        return update_user(rt_, job)
+
+    summary = run_night(rt, update=flaky)
+    status = {r.user_id: r.status for r in summary.results}
+    assert status == {"a1": RunStatus.failed, "a2": RunStatus.promoted}
+    # a1's work is redone by the next night.
+    assert {r.user_id: r.status for r in run_night(rt).results} == {"a1": RunStatus.promoted}
+
+    listing = interactions.list_adapters(rt, "a2")
+    assert listing.active_version == 1
+    back = interactions.rollback_adapter(rt, "a2", None)
+    assert back.active_version is None
+    assert interactions.log_post(rt, "a2", "hello").prediction.adapter_version is None
+    again = interactions.rollback_adapter(rt, "a2", 1)
+    assert again.active_version == 1
+    assert interactions.log_post(rt, "a2", "hello").prediction.adapter_version == 1
+    with pytest.raises(Exception):
+        interactions.rollback_adapter(rt, "a2", 99)
+
+
+def test_delete_user_removes_rows_vectors_adapters(night_rt):
+    rt = night_rt
+    interactions.create_user(rt, "gone")
+    _teach(rt, "gone", SARCASTIC_TRAIN[:5], "negative")
+    run_night(rt)
+    memory_file = rt.replay_memory.user_path("gone")
+    adapter_dir = registry.user_dir(rt.settings.adapters_dir, "gone")
+    assert memory_file.exists() and adapter_dir.exists()
+    interactions.delete_user(rt, "gone")
+    assert not memory_file.exists() and not adapter_dir.exists()
+    with Session(rt.engine) as s:
+        assert s.exec(select(func.count()).select_from(Feedback).where(Feedback.user_id == "gone")).one() == 0
+        assert s.exec(select(func.count()).select_from(AdapterVersion).where(AdapterVersion.user_id == "gone")).one() == 0
+
+
+def test_kill_9_during_nightly_changes_nothing(tmp_path, predictor):
+    """A killed night leaves every active adapter as it was and loses no feedback; the next run finishes."""
+    home = tmp_path / "home"
+    rt = Runtime(make_settings(home), predictor=predictor)
+    interactions.create_user(rt, "k")
+    _teach(rt, "k", SARCASTIC_TRAIN[:6], "negative")
+    assert run_night(rt).counts() == {"promoted": 1}
+    _teach(rt, "k", SARCASTIC_TRAIN[6:], "negative")
+    with Session(rt.engine) as s:
+        n_feedback = s.exec(select(func.count()).select_from(Feedback)).one()
+        active_before = registry.active(s, "k").version
+
+    env = {**os.environ, "NIGHTOWL_HOME": str(home), "NIGHTOWL_RATIONALE_PROVIDER": "none", "NIGHTOWL_ADMIN_TOKEN": "x"}
+    proc = subprocess.Popen([sys.executable, "-m", "nightowl.cli", "nightly", "--now"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill it once it is training (its run row exists)
+        with Session(rt.engine) as s:
+            if s.exec(select(TrainingRun).where(TrainingRun.status == RunStatus.running)).first():
+                break
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+
+    with Session(rt.engine) as s:
+        assert s.exec(select(func.count()).select_from(Feedback)).one() == n_feedback
+        assert registry.active(s, "k").version == active_before
+    # The killed run's lease names a dead process on this host: the next run takes it over.
+    summary = run_night(rt)
+    assert summary.counts() == {"promoted": 1}
+    with Session(rt.engine) as s:
+        interrupted = s.exec(select(TrainingRun).where(TrainingRun.error.contains("interrupted"))).all()
+        assert len(interrupted) == 1
+        assert registry.active(s, "k").version > active_before
+
+
+def test_scheduler_persists_one_job(tmp_path, predictor):
+    from scheduler.nightly import JOB_ID, MISFIRE_GRACE_S, build_scheduler
+
+    rt = Runtime(make_settings(tmp_path / "home", nightly_time="03:15"), predictor=predictor)
+    for _ in range(2):  # a restart replaces the job instead of adding a second one
+        sched = build_scheduler(rt)
+        sched.start(paused=True)
+        jobs = sched.get_jobs()
+        assert [j.id for j in jobs] == [JOB_ID]
+        job = jobs[0]
+        assert job.coalesce and job.max_instances == 1 and job.misfire_grace_time == MISFIRE_GRACE_S
+        assert (job.next_run_time.hour, job.next_run_time.minute) == (3, 15)
+        sched.shutdown(wait=False)
+    with rt.engine.connect() as conn:
+        from sqlalchemy import text
+
+        assert conn.execute(text("SELECT count(*) FROM apscheduler_jobs")).scalar() == 1

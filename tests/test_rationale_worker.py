@@ -1,0 +1,85 @@
+"""The rationale queue: durable, off the request path, survives restarts and provider outages."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlmodel import Session, select
+
+from memory.models import JobStatus, Rationale, RationaleJob, utcnow
+from nightowl import interactions
+from nightowl.devserver import free_port
+from nightowl.rationale_worker import RationaleWorker
+from nightowl.rationales import OpenAICompatible, RationaleCache
+from nightowl.runtime import Runtime
+from tests.conftest import make_settings
+
+
+def _runtime(tmp_path, predictor, provider="cache"):
+    return Runtime(make_settings(tmp_path / "home", rationale_provider=provider, rationale_retry_s=60), predictor=predictor)
+
+
+def _job(rt, post_id) -> RationaleJob:
+    with Session(rt.engine) as s:
+        return s.get(RationaleJob, post_id)
+
+
+def test_pending_job_survives_restart_and_is_worked(tmp_path, predictor):
+    rt = _runtime(tmp_path, predictor)
+    interactions.create_user(rt, "alice")
+    post = interactions.log_post(rt, "alice", "$T$ again, wonderful", aspect="Monday")
+    assert _job(rt, post.post_id).status == JobStatus.pending
+    rt.close()  # "restart": a new process over the same home picks the job up
+
+    rt2 = _runtime(tmp_path, predictor)
+    cache = RationaleCache(rt2.settings.rationale_cache_dir)
+    cache.put("$T$ again, wonderful", "Monday", None, "The text praises Monday in a tone that reads as weary.")
+    worker = RationaleWorker(rt2, provider=cache)
+    assert worker.run_once() == 1
+    with Session(rt2.engine) as s:
+        stored = s.exec(select(Rationale).where(Rationale.post_id == post.post_id)).one()
+    assert stored.provider == "cache" and "Monday" in stored.text
+    assert _job(rt2, post.post_id).status == JobStatus.done
+    listing = interactions.list_posts(rt2, "alice")
+    assert listing.items[0].rationale == stored.text
+    assert worker.run_once() == 0  # nothing left
+
+
+def test_provider_down_reschedules_with_backoff(tmp_path, predictor):
+    rt = _runtime(tmp_path, predictor, provider="openai")
+    interactions.create_user(rt, "bob")
+    post = interactions.log_post(rt, "bob", "served without a rationale", aspect=None)
+    assert post.prediction.label in rt.labels  # the post was answered while the provider is down
+
+    down = OpenAICompatible(f"http://127.0.0.1:{free_port()}/v1", "m", timeout_s=1, retries=1, backoff_s=0.01)
+    worker = RationaleWorker(rt, provider=down)
+    assert worker.run_once() == 0
+    job = _job(rt, post.post_id)
+    assert job.status == JobStatus.pending and job.attempts == 1 and job.last_error
+    assert job.next_attempt_at > utcnow() + timedelta(seconds=50)
+    assert worker.claim_due() == []  # not due yet
+
+    # Once due again and the provider is back (here: the cache has it), it completes.
+    with Session(rt.engine) as s:
+        j = s.get(RationaleJob, post.post_id)
+        j.next_attempt_at = utcnow() - timedelta(seconds=1)
+        s.add(j)
+        s.commit()
+    cache = RationaleCache(rt.settings.rationale_cache_dir)
+    cache.put("served without a rationale", None, None, "A plain statement with no evaluative words.")
+    assert RationaleWorker(rt, provider=cache).run_once() == 1
+    assert _job(rt, post.post_id).status == JobStatus.done
+
+
+def test_gives_up_after_max_attempts(tmp_path, predictor):
+    rt = Runtime(
+        make_settings(tmp_path / "home", rationale_provider="cache", rationale_retry_s=0, rationale_max_attempts=2),
+        predictor=predictor,
+    )
+    interactions.create_user(rt, "cy")
+    post = interactions.log_post(rt, "cy", "nobody will ever explain this")
+    worker = RationaleWorker(rt, provider=RationaleCache(rt.settings.rationale_cache_dir))
+    worker.run_once()
+    worker.run_once()
+    job = _job(rt, post.post_id)
+    assert job.status == JobStatus.failed and job.attempts == 2 and "no stored rationale" in job.last_error
