@@ -37,7 +37,9 @@ class TrainRecipe:
 def scores(gold: list[int], pred: list[int], n_labels: int) -> dict:
     gold_a, pred_a = np.array(gold), np.array(pred)
     f1s = []
-    for c in range(n_labels):
+    # Macro over the classes present in gold or prediction (sklearn's convention): a user whose
+    # test labels are all one class is not charged a 0 for the class nobody used.
+    for c in sorted(set(gold_a.tolist()) | set(pred_a.tolist())):
         tp = int(((gold_a == c) & (pred_a == c)).sum())
         fp = int(((gold_a != c) & (pred_a == c)).sum())
         fn = int(((gold_a == c) & (pred_a != c)).sum())

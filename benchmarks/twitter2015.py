@@ -110,8 +110,9 @@ def main() -> None:
     ap.add_argument("--rows", nargs="+", default=["text", "text_image", "text_image_rationale"])
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = ap.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
 
     data = {s: read_tombert_tsv(args.data / f"{s}.tsv") for s in ("train", "dev", "test")}
     n_rat = attach_rationales(data["dev"], args.data / "dev.rationales.jsonl")

@@ -26,6 +26,8 @@ app.add_typer(users_app, name="users")
 adapters_app = typer.Typer(help="Per-user adapter versions.", no_args_is_help=True)
 app.add_typer(rationales_app, name="rationales")
 app.add_typer(adapters_app, name="adapters")
+bench_app = typer.Typer(help="Benchmarks that exercise the whole system.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
 
 
 def _runtime():
@@ -296,6 +298,40 @@ def train_base(
     _, report = train_base_model(items(train_rows, True), items(select_rows, False) if select_rows else None,
                                  config, out, TrainRecipe(epochs=epochs, seed=seed))
     _emit({"out": str(out), **report})
+
+
+@bench_app.command("personalize")
+@cli_errors
+def bench_personalize(
+    stream: Annotated[Path, typer.Option(help="A personalization stream (JSONL; see benchmarks/stream.py).")],
+    out: Annotated[Path, typer.Option(help="Results JSON (plots are written beside it).")],
+    users: Annotated[Optional[int], typer.Option(help="A seeded subset of K users (default 30; 0 = all).")] = 30,
+    seed: int = 0,
+    rows: Annotated[Optional[list[str]], typer.Option("--row", help="Rows to run (repeatable; base always runs).")] = None,
+    base_model: Annotated[Optional[Path], typer.Option(help="Use this base model instead of training one on day 0.")] = None,
+    base_epochs: int = 3,
+    update_epochs: Annotated[int, typer.Option(help="Epochs of each nightly LoRA update.")] = 6,
+    joint_epochs: int = 2,
+    jobs: Annotated[int, typer.Option(help="Rows run in this many processes.")] = 1,
+    work: Annotated[Optional[Path], typer.Option(help="Scratch folder (homes, cached base model).")] = None,
+) -> None:
+    """Day-by-day personalization benchmark: feedback through the logging path, real nights, per-user scores."""
+    from benchmarks.personalize import ROWS, WORK, BenchConfig, run
+    from benchmarks.stream import StreamError
+
+    if not stream.is_file():
+        raise NightowlError(f"stream file not found: {stream}")
+    if jobs < 1 or update_epochs < 1 or base_epochs < 1 or joint_epochs < 1:
+        raise NightowlError("--jobs and the epoch counts must be at least 1")
+    cfg = BenchConfig(stream=stream, out=out, users=users or None, seed=seed, rows=rows or list(ROWS),
+                      base_model=base_model, base_epochs=base_epochs, update_epochs=update_epochs,
+                      joint_epochs=joint_epochs, jobs=jobs, work=work or WORK)
+    try:
+        result = run(cfg)
+    except StreamError as exc:
+        raise NightowlError(str(exc)) from None
+    keys = ("name", "macro_f1_mean", "accuracy_mean", "gain_vs_base_mean", "share_users_gained", "forgetting_mean", "bwt_mean")
+    _emit({"out": str(out), "users": result["n_users"], "rows": [{k: r[k] for k in keys} for r in result["rows"]]})
 
 
 def main() -> None:  # pragma: no cover - entry point
