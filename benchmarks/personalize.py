@@ -315,12 +315,7 @@ def plot(result: dict, out: Path) -> list[str]:
     ax.set_xlabel("night (0 = base model)")
     ax.set_ylabel("macro-F1 on the user's private test set")
     ax.set_title("Per-user learning curves (thin: nightowl, each user; thick: row means)")
-    ax.legend(fontsize=8)
-    path = out.with_name(out.stem + "-curves.png")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(path.name)
+    written.append(_save(fig, out, "curves"))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if base:
@@ -332,13 +327,19 @@ def plot(result: dict, out: Path) -> list[str]:
     ax.set_xlabel("macro-F1 gain over the base model after the last night (points)")
     ax.set_ylabel("users")
     ax.set_title("Gain per user")
-    ax.legend(fontsize=8)
-    path = out.with_name(out.stem + "-gains.png")
+    written.append(_save(fig, out, "gains"))
+    return written
+
+
+def _save(fig, out: Path, what: str) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.axes[0].legend(fontsize=8)
     fig.tight_layout()
+    path = out.with_name(f"{out.stem}-{what}.png")
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    written.append(path.name)
-    return written
+    return path.name
 
 
 # -- the command ---------------------------------------------------------------------------------

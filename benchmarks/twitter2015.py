@@ -138,13 +138,14 @@ def main() -> None:
             "accuracy_std": round(statistics.pstdev(r["accuracy"] for r in per_seed), 2),
             "macro_f1_std": round(statistics.pstdev(r["macro_f1"] for r in per_seed), 2),
             "per_seed": per_seed,
+            "command": f"python -m benchmarks.twitter2015 --rows {name} --seeds {' '.join(map(str, args.seeds))} --epochs {args.epochs}",
             "model_dir": per_seed[0]["model_dir"],
             "epoch_seconds_median": statistics.median(s for r in per_seed for s in r["epoch_seconds"]),
             "single_inference_ms_median": statistics.median(r["single_inference_ms_median"] for r in per_seed),
         }
         out = {
             "benchmark": "twitter2015",
-            "command": "python -m benchmarks.twitter2015 --seeds " + " ".join(map(str, args.seeds)) + f" --epochs {args.epochs}",
+            "command": "python -m benchmarks.twitter2015 [--rows ...] [--seeds ...] [--epochs N] (each row names its own run)",
             "test_set": f"{len(data['test'])} rows, scored without rationales",
             "rationales": f"teacher rationales for {n_rat} dev rows (label-conditioned: training signal only)",
             "backbone": "all-MiniLM-L6-v2 (packaged) + EfficientNet-Lite0 (packaged, frozen)",
