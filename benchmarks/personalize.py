@@ -40,7 +40,7 @@ from continual.night import run_night
 from continual.update import UpdateConfig
 from nightowl import interactions
 from nightowl.runtime import Runtime
-from nightowl.settings import Settings
+from nightowl.settings import LimitSettings, Settings
 
 ROWS = ("base", "lora_no_replay", "lora_random_replay", "nightowl", "joint_annotator_embedding")
 REPLAY_OF_ROW = {"lora_no_replay": "none", "lora_random_replay": "random", "nightowl": "faiss"}
@@ -142,6 +142,7 @@ def _forgetting(acc: dict[int, dict[int, float]], last: int) -> tuple[float | No
     """avalanche's Forgetting and BWT over days 1..last-1: accuracy just after the night that
     learned a day vs after the last night."""
     f, b = Forgetting(), BWT()
+    acc = {int(d): {int(n): a for n, a in by_night.items()} for d, by_night in acc.items()}  # JSON keys are strings
     for day, by_night in acc.items():
         if day >= last:
             continue  # the last day has no later night to forget it in
@@ -176,8 +177,12 @@ def run_variant(name: str, stream: Stream, users: list[str], base_dir: Path, glo
         import shutil
 
         shutil.rmtree(home)
+    # Real streams hold long posts (MultiPICo has 4,677-character contexts): the serving limit
+    # is a policy for live traffic, so a benchmark home takes the stream as it is.
+    longest = max(len(x or "") for r in stream.rows for x in (r.text, r.context, r.aspect))
+    limits = LimitSettings(max_text_chars=max(LimitSettings().max_text_chars, longest))
     settings = Settings(home=home, rationale_provider="none", labels=stream.labels, base_model_dir=base_dir,
-                        global_replay_data=global_replay)
+                        global_replay_data=global_replay, limits=limits)
     rt = Runtime(settings)
     rt.update_config = replace(UpdateConfig(), epochs=cfg.update_epochs, replay=REPLAY_OF_ROW[name])
     inputs = Inputs()
@@ -238,7 +243,16 @@ def run_joint(stream: Stream, users: list[str], base_dir: Path, cfg: BenchConfig
             "acc": None, "seconds": [], "training": report}
 
 
+def _row_cache(name: str, users: list[str], base_dir: Path, cfg: BenchConfig) -> Path:
+    key = hashlib.sha256(json.dumps([name, users, str(base_dir), cfg.seed, cfg.update_epochs, cfg.joint_epochs,
+                                     hashlib.sha256(Path(cfg.stream).read_bytes()).hexdigest()]).encode())
+    return cfg.work / "rows" / f"{name}-{key.hexdigest()[:12]}.json"
+
+
 def run_row(name: str, stream_path: Path, users: list[str], base_dir: Path, global_replay: Path | None, cfg: BenchConfig, threads: int) -> tuple[str, dict]:
+    cache = _row_cache(name, users, base_dir, cfg)
+    if cache.exists():  # finished by an earlier, interrupted run of the same configuration
+        return name, json.loads(cache.read_text())
     torch.set_num_threads(threads)
     stream = read_stream(stream_path)
     t0 = time.perf_counter()
@@ -250,6 +264,11 @@ def run_row(name: str, stream_path: Path, users: list[str], base_dir: Path, glob
         out = run_variant(name, stream, users, base_dir, global_replay, cfg)
     out["row_seconds"] = round(time.perf_counter() - t0, 1)
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    out = json.loads(json.dumps(out))  # as the cache will give it back (int keys become strings)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out))
+    tmp.replace(cache)
     return name, out
 
 

@@ -25,7 +25,9 @@ def write_stream(path, users=("ann_a", "ann_b", "ann_c"), days=2, header=True):
         # ann_a calls every "great"/"wonderful" ironic; the others follow the event's polarity
         bad = event in EVENTS[:4]
         ironic = opener in OPENERS[:2] if user == "ann_a" else bad
-        return json.dumps({"user_id": user, "text": f"{opener} {event} #{i}", "context": "How was your day?",
+        # one reply answers a post far longer than the serving limit (real streams have them)
+        context = "How was your day? " * (150 if (day, i) == (1, 0) else 1)
+        return json.dumps({"user_id": user, "text": f"{opener} {event} #{i}", "context": context.strip(),
                            "label": LABELS[ironic], "day": day, "split": split})
 
     lines += [row(None, 0, "feedback", i) for i in range(40)]
