@@ -34,10 +34,15 @@ def build_model(config: FusionConfig) -> RationaleFusedClassifier:
     return RationaleFusedClassifier(config, encoder)
 
 
-def with_encoder_lora(model: RationaleFusedClassifier, r: int = 16, alpha: int = 32) -> RationaleFusedClassifier:
-    """Base training: LoRA on the encoder's attention (so the shipped delta is small); the
-    fusion layers and head stay fully trainable."""
-    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.05, target_modules=["query", "key", "value"])
+# Every linear layer of each transformer block (BERT-style names; the pooler is unused).
+ENCODER_LINEAR_LAYERS = r".*layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
+
+
+def with_encoder_lora(model: RationaleFusedClassifier, r: int = 16, alpha: int | None = None,
+                      targets: list[str] | str = ENCODER_LINEAR_LAYERS) -> RationaleFusedClassifier:
+    """Base training: LoRA on the encoder (so the shipped delta is small); the fusion layers and
+    head stay fully trainable."""
+    cfg = LoraConfig(r=r, lora_alpha=alpha or 2 * r, lora_dropout=0.05, target_modules=targets)
     model.encoder = get_peft_model(model.encoder, cfg)
     return model
 

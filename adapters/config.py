@@ -23,6 +23,9 @@ class FusionConfig:
     rationale_dropout: float = 0.5  # training: drop a given rationale this often
     image_dropout: float = 0.3  # training: drop a given image this often
     distill_weight: float = 0.5
+    # Aspect-based sentiment: the head also reads the aspect's own tokens (mean over its mentions
+    # in the post; [CLS] when there is no aspect), so two aspects of one post can differ.
+    target_pooling: bool = True
     # LoRA for per-user adapters: the encoder's attention plus the small fusion layers; the head
     # (a few KB) is trained whole.
     lora_r: int = 8

@@ -77,7 +77,7 @@ class RationaleFusedClassifier(nn.Module):
         )
         self.gate = nn.Linear(4 * d, 3 * d)
         self.dropout = nn.Dropout(config.dropout)
-        self.head = nn.Linear(d, len(config.labels))
+        self.head = nn.Linear(2 * d if config.target_pooling else d, len(config.labels))
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None):
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -96,6 +96,7 @@ class RationaleFusedClassifier(nn.Module):
         rationale_mask: torch.Tensor | None = None,
         has_rationale: torch.Tensor | None = None,  # [B] bool: a real rationale is given
         use_rationale: torch.Tensor | None = None,  # [B] bool: ...and not dropped (training)
+        target_mask: torch.Tensor | None = None,  # [B, L] bool: the aspect's tokens
         return_aux: bool = False,
     ):
         post = self.encode(input_ids, attention_mask, token_type_ids)  # [B, L, d]
@@ -117,8 +118,16 @@ class RationaleFusedClassifier(nn.Module):
         rat_tokens, rat_mask = predicted, torch.ones(b, k, dtype=torch.bool, device=post.device)
         true_pooled = None
         if rationale_ids is not None and has_rationale is not None and has_rationale.any():
-            real = self.encode(rationale_ids, rationale_mask)
-            real_mask = rationale_mask.bool()
+            # Encode only the rows that have a rationale (rationales are long, and in a training
+            # batch most rows have none), and without gradient: the encoder learns from the
+            # post; the cross-attention learns to read what the encoder makes of a rationale.
+            # That keeps a rationale-trained epoch near the cost of a plain one.
+            rows = has_rationale.nonzero().squeeze(1)
+            width_r = int(rationale_mask[rows].sum(1).max())
+            real = post.new_zeros(b, width_r, d)
+            with torch.no_grad():
+                real[rows] = self.encode(rationale_ids[rows, :width_r], rationale_mask[rows, :width_r])
+            real_mask = rationale_mask[:, :width_r].bool() & has_rationale[:, None]
             true_pooled = masked_mean(real, real_mask)
             width = max(real.shape[1], k)
             rat_tokens = _pad_to(predicted, width)
@@ -135,11 +144,23 @@ class RationaleFusedClassifier(nn.Module):
         has_img = region_mask.any(1).to(g.dtype)
         g = g * torch.stack([torch.ones_like(has_img), torch.ones_like(has_img), has_img], 1)[..., None]
         fused = (post_pooled + g[:, 0] * a + g[:, 1] * r + g[:, 2] * v) / (1 + g.sum(1))
+        if self.config.target_pooling:
+            fused = torch.cat([fused, self._target(post, post_mask, target_mask)], -1)
         logits = self.head(self.dropout(fused))
         if not return_aux:
             return logits
         aux = {"predicted_rationale": predicted.mean(1), "true_rationale": true_pooled, "pooled": post_pooled}
         return logits, aux
+
+
+    @staticmethod
+    def _target(post: torch.Tensor, post_mask: torch.Tensor, target_mask: torch.Tensor | None) -> torch.Tensor:
+        """Mean over the aspect's tokens; the sequence token where a row has none."""
+        cls = post[:, 0]
+        if target_mask is None:
+            return cls
+        mask = target_mask.bool() & post_mask
+        return torch.where(mask.any(1, keepdim=True), masked_mean(post, mask), cls)
 
 
 def _pad_to(t: torch.Tensor, width: int) -> torch.Tensor:

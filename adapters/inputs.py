@@ -21,7 +21,32 @@ class ModelInput:
 
 
 def post_text(text: str, aspect: str | None) -> str:
-    return text.replace(ASPECT_MARK, aspect) if aspect else text.replace(ASPECT_MARK, "it")
+    return post_text_and_spans(text, aspect)[0]
+
+
+def post_text_and_spans(text: str, aspect: str | None) -> tuple[str, list[tuple[int, int]]]:
+    """The post with `$T$` replaced by the aspect, and the character spans where the aspect
+    stands in it (every `$T$`; without one, the aspect's own mentions, case-insensitive)."""
+    fill = aspect or "it"
+    pieces = text.split(ASPECT_MARK)
+    out, spans, pos = [], [], 0
+    for n, piece in enumerate(pieces):
+        if n:
+            spans.append((pos, pos + len(fill)))
+            out.append(fill)
+            pos += len(fill)
+        out.append(piece)
+        pos += len(piece)
+    joined = "".join(out)
+    if not aspect:
+        return joined, []
+    if not spans:
+        low, needle = joined.lower(), aspect.lower()
+        start = low.find(needle)
+        while start >= 0:
+            spans.append((start, start + len(needle)))
+            start = low.find(needle, start + len(needle))
+    return joined, spans
 
 
 def second_segment(item: ModelInput) -> str | None:
@@ -40,16 +65,15 @@ class Batcher:
 
     def __call__(self, items: list[ModelInput], train: bool = False, generator: torch.Generator | None = None) -> dict:
         cfg = self.config
-        firsts = [post_text(i.text, i.aspect) for i in items]
+        firsts, spans = zip(*(post_text_and_spans(i.text, i.aspect) for i in items))
         seconds = [second_segment(i) for i in items]
-        if any(s is not None for s in seconds):
-            enc = self.tokenizer(
-                firsts, [s or "" for s in seconds], truncation="longest_first", max_length=cfg.max_post_tokens,
-                padding=True, return_tensors="pt",
-            )
-        else:
-            enc = self.tokenizer(firsts, truncation=True, max_length=cfg.max_post_tokens, padding=True, return_tensors="pt")
+        pair = [s or "" for s in seconds] if any(s is not None for s in seconds) else None
+        enc = self.tokenizer(
+            list(firsts), pair, truncation="longest_first" if pair else True, max_length=cfg.max_post_tokens,
+            padding=True, return_tensors="pt", return_offsets_mapping=True,
+        )
         batch = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        batch["target_mask"] = self._target_mask(enc, spans, [bool(i.aspect) for i in items]).to(self.device)
 
         n = len(items)
         has_image = torch.tensor([i.image_features is not None for i in items], dtype=torch.bool)
@@ -80,3 +104,21 @@ class Batcher:
                 use_rationale=use.to(self.device),
             )
         return batch
+
+    @staticmethod
+    def _target_mask(enc, spans, has_aspect: list[bool]) -> torch.Tensor:
+        """Which tokens are the aspect: its mentions in the post, else (an aspect the post never
+        names) the aspect segment itself. Rows without an aspect get none: the model then reads
+        the sequence token ([CLS]) instead."""
+        offsets = enc["offset_mapping"]
+        mask = torch.zeros(offsets.shape[:2], dtype=torch.bool)
+        for row, (row_spans, aspect) in enumerate(zip(spans, has_aspect)):
+            if not aspect:
+                continue
+            seq = enc.sequence_ids(row)
+            for t, (s, e) in enumerate(offsets[row].tolist()):
+                if seq[t] == 0 and e > s and any(s < b and e > a for a, b in row_spans):
+                    mask[row, t] = True
+            if not mask[row].any():
+                mask[row] = torch.tensor([x == 1 for x in seq])
+        return mask

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from adapters.checkpoint import build_model, save_base, with_encoder_lora
+from adapters.checkpoint import ENCODER_LINEAR_LAYERS, build_model, save_base, with_encoder_lora
 from adapters.config import FusionConfig
 from adapters.encoders import load_tokenizer, pick_device
 from adapters.fusion import RationaleFusedClassifier, distillation_loss
@@ -31,6 +31,8 @@ class TrainRecipe:
     warmup_fraction: float = 0.1
     seed: int = 0
     encoder_lora_r: int = 16
+    encoder_lora_targets: list[str] | str = ENCODER_LINEAR_LAYERS
+    label_smoothing: float = 0.0
     extra: dict = field(default_factory=dict)
 
 
@@ -84,7 +86,7 @@ def train_base_model(
     torch.manual_seed(recipe.seed)
     gen = torch.Generator().manual_seed(recipe.seed)
 
-    model = with_encoder_lora(build_model(config), r=recipe.encoder_lora_r).to(device)
+    model = with_encoder_lora(build_model(config), r=recipe.encoder_lora_r, targets=recipe.encoder_lora_targets).to(device)
     batcher = Batcher(load_tokenizer(config.text_model), config, device)
     enc_params = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("encoder.")]
     fusion_params = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("encoder.")]
@@ -107,7 +109,7 @@ def train_base_model(
             batch = batcher([c[0] for c in chunk], train=True, generator=gen)
             labels = torch.tensor([c[1] for c in chunk], device=device)
             logits, aux = model(**batch, return_aux=True)
-            loss = F.cross_entropy(logits, labels)
+            loss = F.cross_entropy(logits, labels, label_smoothing=recipe.label_smoothing)
             if "has_rationale" in batch:
                 loss = loss + config.distill_weight * distillation_loss(aux, batch["has_rationale"])
             opt.zero_grad(set_to_none=True)
@@ -131,6 +133,10 @@ def train_base_model(
         model.load_state_dict(best_state)
         report["selected_epoch"] = 1 + max(range(len(report["epochs"])), key=lambda i: report["epochs"][i].get("select_macro_f1", -1))
     model.eval()
+    # How often each label occurs in the training data: per-user adapters correct for a user
+    # whose labels come at other rates (adapters.personal.PersonalKit.prior_adjustment).
+    counts = np.bincount([t[1] for t in train], minlength=len(config.labels))
+    config.training = {**config.training, "label_prior": [round(float(c) / len(train), 6) for c in counts]}
     if out_dir is not None:
         config.training = {**config.training, "recipe": recipe.__dict__, "epochs": report["epochs"],
                            "selected_epoch": report.get("selected_epoch")}

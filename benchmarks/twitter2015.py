@@ -51,7 +51,22 @@ def to_items(rows: list[Row], feats: dict, use_image: bool, use_rationale: bool)
     return out
 
 
-def run_row(name: str, seed: int, epochs: int, data: dict, feats: dict) -> dict:
+def parse_overrides(pairs: list[str]) -> dict:
+    """`key=value` pairs (values as JSON where they parse, else strings)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"expected key=value, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def run_row(name: str, seed: int, epochs: int, data: dict, feats: dict, recipe: dict | None = None,
+            model: dict | None = None, tag: str = "") -> dict:
     use_image = name != "text"
     use_rationale = name == "text_image_rationale"
     train_rows, select_rows = data["train"], data["dev"]
@@ -63,16 +78,16 @@ def run_row(name: str, seed: int, epochs: int, data: dict, feats: dict) -> dict:
         cut = int(0.15 * len(shuffled))
         select_rows, train_rows = shuffled[:cut], shuffled[cut:] + data["dev"]
         select_note = f"15% slice of train ({cut} rows); dev (with rationales) joins training"
-    config = FusionConfig(labels=TOMBERT_LABELS)
+    config = FusionConfig(labels=TOMBERT_LABELS, **(model or {}))
     config.training = {"dataset": "twitter2015", "row": name, "seed": seed, "selection": select_note}
-    out_dir = WORK / "models" / f"{name}-seed{seed}"
+    out_dir = WORK / "models" / f"{name}{tag}-seed{seed}"
     t0 = time.perf_counter()
     model, report = train_base_model(
         to_items(train_rows, feats, use_image, use_rationale),
         to_items(select_rows, feats, use_image, False),  # select as we serve: no rationale
         config,
         out_dir,
-        TrainRecipe(epochs=epochs, seed=seed),
+        TrainRecipe(epochs=epochs, seed=seed, **(recipe or {})),
     )
     train_s = time.perf_counter() - t0
     batcher = Batcher(load_tokenizer(config.text_model), config)
@@ -111,7 +126,11 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--recipe", nargs="*", default=[], metavar="KEY=VALUE", help="TrainRecipe overrides, e.g. lr_encoder=1e-3")
+    ap.add_argument("--model", nargs="*", default=[], metavar="KEY=VALUE", help="FusionConfig overrides, e.g. target_pooling=false")
+    ap.add_argument("--tag", default="", help="suffix for the row names and model folders of this variant")
     args = ap.parse_args()
+    recipe, model_overrides = parse_overrides(args.recipe), parse_overrides(args.model)
     torch.set_num_threads(args.threads)
 
     data = {s: read_tombert_tsv(args.data / f"{s}.tsv") for s in ("train", "dev", "test")}
@@ -128,17 +147,21 @@ def main() -> None:
     for name in args.rows:
         per_seed = []
         for seed in args.seeds:
-            res = run_row(name, seed, args.epochs, data, feats)
+            res = run_row(name, seed, args.epochs, data, feats, recipe, model_overrides, args.tag)
             print(json.dumps({"row": name, **{k: v for k, v in res.items() if k != "confusion"}}), flush=True)
             per_seed.append(res)
-        rows[name] = {
-            "name": name,
+        rows[name + args.tag] = {
+            "name": name + args.tag,
             "accuracy_mean": round(statistics.fmean(r["accuracy"] for r in per_seed), 2),
             "macro_f1_mean": round(statistics.fmean(r["macro_f1"] for r in per_seed), 2),
             "accuracy_std": round(statistics.pstdev(r["accuracy"] for r in per_seed), 2),
             "macro_f1_std": round(statistics.pstdev(r["macro_f1"] for r in per_seed), 2),
             "per_seed": per_seed,
-            "command": f"python -m benchmarks.twitter2015 --rows {name} --seeds {' '.join(map(str, args.seeds))} --epochs {args.epochs}",
+            "command": " ".join(["python -m benchmarks.twitter2015 --rows", name, "--seeds", *map(str, args.seeds),
+                                 "--epochs", str(args.epochs)]
+                                + (["--recipe", *args.recipe] if args.recipe else [])
+                                + (["--model", *args.model] if args.model else [])
+                                + (["--tag", args.tag] if args.tag else [])),
             "model_dir": per_seed[0]["model_dir"],
             "epoch_seconds_median": statistics.median(s for r in per_seed for s in r["epoch_seconds"]),
             "single_inference_ms_median": statistics.median(r["single_inference_ms_median"] for r in per_seed),

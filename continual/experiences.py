@@ -38,17 +38,20 @@ class ExampleTable:
 
 
 class IndexedModel(torch.nn.Module):
-    """Wraps the (peft) classifier: forward(indices) -> logits."""
+    """Wraps the (peft) classifier: forward(indices) -> logits (+ a fixed logit offset: the
+    user's prior correction, so training learns only what the prior doesn't explain)."""
 
-    def __init__(self, inner: torch.nn.Module, table: ExampleTable, kit) -> None:
+    def __init__(self, inner: torch.nn.Module, table: ExampleTable, kit, logit_offset: list[float] | None = None) -> None:
         super().__init__()
         self.inner = inner
         self.table = table
         self.kit = kit
+        self.register_buffer("logit_offset", torch.tensor(logit_offset or [0.0] * len(kit.labels)), persistent=False)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         examples = [self.table[i] for i in idx.tolist()]
-        return self.kit.logits(self.inner, examples, train=self.training)
+        logits = self.kit.logits(self.inner, examples, train=self.training)
+        return logits + self.logit_offset.to(logits.device, logits.dtype)
 
 
 class FaissReplayBuffer(ExemplarsBuffer):

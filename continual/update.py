@@ -50,6 +50,10 @@ class UpdateConfig:
     ewc_lambda: float = 0.0  # > 0 adds avalanche's EWC plugin
     lwf_alpha: float = 0.0  # > 0 adds avalanche's LwF plugin
     replay: str = "faiss"  # "faiss" | "random" | "none" (the last two are for the benchmark's ablations)
+    # The user's label prior vs the base model's, added to the logits (see PersonalKit.prior_adjustment);
+    # strength = pseudo-counts of the base prior. <= 0 turns the correction off.
+    prior_strength: float = 5.0
+    gate_metric: str = "macro_f1"  # "macro_f1" | "accuracy": what "not worse" means at the gate
     extra: dict = field(default_factory=dict)
 
 
@@ -101,8 +105,16 @@ def update_user(rt: Runtime, job: UserJob, config: UpdateConfig | None = None) -
     earlier = [(key, exs) for key, exs in earlier if exs]
     eval_sets = [table.dataset(exs, kit.labels) for _, exs in earlier] + [train_ds]
 
+    # The user's prior correction: taken out of the current adapter's head, re-estimated from
+    # every label the user gave up to tonight's cutoff (held-back ones excepted), used as a fixed
+    # offset while training and folded back into the head once trained.
+    previous_adjustment = (current.metrics or {}).get("logit_adjustment") if current else None
+    adjustment = None
+    if config.prior_strength > 0:
+        adjustment = kit.prior_adjustment([e for e in examples if e not in holdout], config.prior_strength)
     peft_model = kit.trainable(current_dir)
-    model = IndexedModel(peft_model, table, kit)
+    kit.shift_head_bias(peft_model, previous_adjustment, sign=-1.0)
+    model = IndexedModel(peft_model, table, kit, adjustment)
     plugins = []
     if replay:
         buffer = FaissReplayBuffer(table.dataset(replay, kit.labels))
@@ -133,6 +145,7 @@ def update_user(rt: Runtime, job: UserJob, config: UpdateConfig | None = None) -
         strategy.train(bench.train_stream[0])
     eval_results = strategy.eval(bench.test_stream)
     exp_acc = _experience_accuracies(eval_results, len(eval_sets))
+    kit.shift_head_bias(peft_model, adjustment)
 
     forgetting, bwt = Forgetting(), BWT()
     for k, (key, _) in enumerate(earlier):
@@ -160,6 +173,7 @@ def update_user(rt: Runtime, job: UserJob, config: UpdateConfig | None = None) -
         "bwt": {str(earlier[k][0]): v for k, v in b_values.items()},
         "forgetting_mean": float(np.mean(list(f_values.values()))) if f_values else None,
         "bwt_mean": float(np.mean(list(b_values.values()))) if b_values else None,
+        "logit_adjustment": adjustment,
         "train_seconds": round(time.perf_counter() - t0, 2),
     }
     with session_scope(rt.engine) as s:
@@ -177,17 +191,18 @@ def update_user(rt: Runtime, job: UserJob, config: UpdateConfig | None = None) -
     if not holdout:
         gate_set = new + replay
         gate_kind = f"in-sample new feedback + replay (fewer than {config.min_new_for_holdout} new examples)"
-    peft_model.eval()
-    cand_acc = kit.accuracy(peft_model, gate_set)
-    base_for_gate = kit.trainable(current_dir)  # the active adapter (or the base) on the same slice
-    base_for_gate.eval()
-    active_acc = kit.accuracy(base_for_gate, gate_set)
-    promoted = cand_acc >= active_acc
+    cand = kit.scores(peft_model, gate_set)
+    active_model = kit.trainable(current_dir)  # the active adapter (or the base) on the same slice
+    active = kit.scores(active_model, gate_set)
+    metric = config.gate_metric
+    promoted = cand[metric] >= active[metric]
     reason = (
-        f"gate on {len(gate_set)} examples ({gate_kind}): candidate {cand_acc:.3f} vs "
-        f"{'active v' + str(current.version) if current else 'base'} {active_acc:.3f}"
+        f"gate on {len(gate_set)} examples ({gate_kind}), {metric}: candidate {cand[metric]:.3f} vs "
+        f"{'active v' + str(current.version) if current else 'base'} {active[metric]:.3f}"
     )
-    metrics.update({"gate_candidate_accuracy": cand_acc, "gate_active_accuracy": active_acc, "gate_size": len(gate_set)})
+    metrics.update({"gate_metric": metric, "gate_size": len(gate_set),
+                    **{f"gate_candidate_{k}": v for k, v in cand.items()},
+                    **{f"gate_active_{k}": v for k, v in active.items()}})
 
     with session_scope(rt.engine) as s:
         row = registry.get(s, job.user_id, version)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -126,6 +127,40 @@ def test_adapter_loads_with_plain_peft_and_matches_server(night_rt, tmp_path):
         probs = rt.predictor.probabilities_with(plain, text, None, None)
     for label, p in served.probabilities.items():
         assert p == pytest.approx(probs[label], abs=1e-4)
+
+
+def _head_bias(rt, user):
+    from peft import PeftModel
+
+    with Session(rt.engine) as s:
+        row = registry.active(s, user)
+    model = PeftModel.from_pretrained(rt.predictor.pristine, rt.settings.adapters_dir / row.path)
+    bias = next(m for n, m in model.named_modules() if n.endswith("head.modules_to_save.default")).bias
+    return bias.detach().clone(), row.metrics["logit_adjustment"]
+
+
+def test_prior_correction_is_folded_into_the_head_once(tmp_path, predictor):
+    """The user's label prior goes into their head's bias, replacing (not adding to) last night's."""
+    rt = Runtime(make_settings(tmp_path / "home"), predictor=predictor)
+    rt.update_config = UpdateConfig(epochs=1, lr=0.0, n_global=0, min_new_for_holdout=100)  # no learning: bookkeeping only
+    base_bias = predictor.pristine.head.bias.detach().clone()
+    prior = predictor.config.training["label_prior"]
+    interactions.create_user(rt, "neg")
+    _teach(rt, "neg", SARCASTIC_TRAIN[:10], "negative")
+    assert run_night(rt).counts() == {"promoted": 1}
+    bias1, adj1 = _head_bias(rt, "neg")
+    # 10 of 10 labels negative, smoothed by 5 pseudo-counts of the base prior
+    neg = rt.labels.index("negative")
+    assert adj1[neg] == pytest.approx(math.log((10 + 5 * prior[neg]) / 15 / prior[neg]))
+    assert adj1[neg] > 0 and all(a < 0 for i, a in enumerate(adj1) if i != neg)
+    assert torch.allclose(bias1, base_bias + torch.tensor(adj1), atol=1e-5)
+
+    _teach(rt, "neg", SARCASTIC_TRAIN[10:], "negative")
+    assert run_night(rt).counts() == {"promoted": 1}
+    bias2, adj2 = _head_bias(rt, "neg")
+    assert adj2[neg] > adj1[neg]  # 16 labels now: the prior moves further from the base's
+    assert torch.allclose(bias2, base_bias + torch.tensor(adj2), atol=1e-5)
+    rt.close()
 
 
 def test_rollback_and_failure_isolation(night_rt):
