@@ -143,12 +143,15 @@ class ImageEncoder:
         return int(self.model.num_features)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """Shorter side -> 224 (bicubic), center crop 224, scale to [-1, 1]."""
+        """Center square, resized to 224 (bicubic), scaled to [-1, 1]. (The same region as
+        resizing the shorter side to 224 and cropping, but cropping first: a 1x12000 strip
+        would otherwise be resized to 224x2.7M pixels.)"""
         from torchvision.transforms import functional as F
 
         img = image.convert("RGB")
-        img = F.resize(img, self.SIZE, interpolation=F.InterpolationMode.BICUBIC)
-        img = F.center_crop(img, [self.SIZE, self.SIZE])
+        side = min(img.size)
+        img = F.center_crop(img, [side, side])
+        img = F.resize(img, [self.SIZE, self.SIZE], interpolation=F.InterpolationMode.BICUBIC)
         return F.normalize(F.to_tensor(img), self.MEAN, self.STD)
 
     @torch.inference_mode()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -62,16 +63,20 @@ class Batcher:
         self.tokenizer = tokenizer
         self.config = config
         self.device = torch.device(device)
+        # A fast tokenizer is not re-entrant: calls with other truncation settings from another
+        # thread (a night running inside the server) fail with "Already borrowed".
+        self._tokenizer_lock = threading.Lock()
 
     def __call__(self, items: list[ModelInput], train: bool = False, generator: torch.Generator | None = None) -> dict:
         cfg = self.config
         firsts, spans = zip(*(post_text_and_spans(i.text, i.aspect) for i in items))
         seconds = [second_segment(i) for i in items]
         pair = [s or "" for s in seconds] if any(s is not None for s in seconds) else None
-        enc = self.tokenizer(
-            list(firsts), pair, truncation="longest_first" if pair else True, max_length=cfg.max_post_tokens,
-            padding=True, return_tensors="pt", return_offsets_mapping=True,
-        )
+        with self._tokenizer_lock:
+            enc = self.tokenizer(
+                list(firsts), pair, truncation="longest_first" if pair else True, max_length=cfg.max_post_tokens,
+                padding=True, return_tensors="pt", return_offsets_mapping=True,
+            )
         batch = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
         batch["target_mask"] = self._target_mask(enc, spans, [bool(i.aspect) for i in items]).to(self.device)
 
@@ -90,10 +95,11 @@ class Batcher:
 
         has_rat = torch.tensor([bool(i.rationale) for i in items], dtype=torch.bool)
         if has_rat.any():
-            rat = self.tokenizer(
-                [i.rationale or "" for i in items], truncation=True, max_length=cfg.max_rationale_tokens,
-                padding=True, return_tensors="pt",
-            )
+            with self._tokenizer_lock:
+                rat = self.tokenizer(
+                    [i.rationale or "" for i in items], truncation=True, max_length=cfg.max_rationale_tokens,
+                    padding=True, return_tensors="pt",
+                )
             use = has_rat.clone()
             if train and cfg.rationale_dropout > 0:
                 use &= torch.rand(n, generator=generator) >= cfg.rationale_dropout

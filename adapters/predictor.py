@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 import threading
 from dataclasses import dataclass
 from functools import cached_property
@@ -15,9 +16,11 @@ import torch
 from adapters.checkpoint import SHIPPED_BASE, load_base_model, user_lora_config
 from adapters.encoders import ImageEncoder, load_tokenizer, pick_device
 from adapters.inputs import Batcher, ModelInput
-from adapters.serving import AdapterCache
+from adapters.serving import AdapterCache, AdapterUnavailable
 
 __all__ = ["AdapterRef", "Prediction", "Predictor", "load_base_model"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -91,8 +94,16 @@ class Predictor:
         out: list[Prediction] = []
         for start in range(0, len(items), batch_size):
             batch = self.batcher(items[start : start + batch_size])
-            with self.adapters.model_for(adapter.folder if adapter else None) as model:
-                probs = model(**batch).float().softmax(-1).cpu()
+            try:
+                with self.adapters.model_for(adapter.folder if adapter else None) as model:
+                    probs = model(**batch).float().softmax(-1).cpu()
+            except AdapterUnavailable:
+                # A broken adapter must not take the user's posts down: the base answers, and
+                # the answer says so (adapter_version null).
+                log.exception("user adapter v%s unavailable; serving the base model", adapter.version if adapter else None)
+                adapter = None
+                with self.adapters.model_for(None) as model:
+                    probs = model(**batch).float().softmax(-1).cpu()
             out.extend(self._to_prediction(p, adapter) for p in probs)
         return out
 

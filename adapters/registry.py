@@ -18,7 +18,7 @@ from typing import Callable
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
-from memory.models import AdapterStatus, AdapterVersion
+from memory.models import AdapterStatus, AdapterVersion, User
 from nightowl.errors import Conflict, InvalidInput, NotFound
 
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -30,6 +30,12 @@ def user_dir(adapters_root: Path, user_id: str) -> Path:
 
 def version_relpath(user_id: str, version: int) -> str:
     return f"{hashlib.sha256(user_id.encode('utf-8')).hexdigest()}/v{version:04d}"
+
+
+def lock_user(session: Session, user_id: str) -> User | None:
+    """Serialise changes to one user's adapters (promotion vs rollback): a row lock on PostgreSQL;
+    SQLite's write transactions are serial already. None if the user no longer exists."""
+    return session.exec(select(User).where(User.id == user_id).with_for_update()).first()
 
 
 def active(session: Session, user_id: str) -> AdapterVersion | None:
@@ -100,6 +106,7 @@ def activate(session: Session, user_id: str, version: int, reason: str | None = 
 
 def rollback(session: Session, user_id: str, version: int | None, adapters_root: Path) -> AdapterVersion | None:
     """Go back to an earlier version (or to the base model with version=None)."""
+    lock_user(session, user_id)
     if version is None:
         current = active(session, user_id)
         if current is not None:

@@ -29,6 +29,11 @@ from safetensors.torch import load_file
 
 SLOT = "serving"
 SHAPE_KEYS = ("r", "lora_alpha", "target_modules", "modules_to_save")
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+class AdapterUnavailable(RuntimeError):
+    """An adapter's files are missing, unreadable or of another shape."""
 
 
 class AdapterCache:
@@ -50,17 +55,30 @@ class AdapterCache:
         return tuple(norm(cfg.get(k)) for k in SHAPE_KEYS)
 
     def _read(self, folder: Path) -> dict[str, torch.Tensor]:
-        cfg = json.loads((folder / "adapter_config.json").read_text())
-        mine = self._shape({k: getattr(self.lora_config, k) for k in SHAPE_KEYS})
-        if self._shape(cfg) != mine:
-            raise ValueError(f"adapter {folder} has a LoRA shape {self._shape(cfg)} unlike the serving slot's {mine}")
-        device = next(self.peft.parameters()).device
-        weights = load_file(str(folder / "adapter_model.safetensors"), device=str(device))
+        try:
+            cfg = json.loads((folder / "adapter_config.json").read_text())
+            mine = self._shape({k: getattr(self.lora_config, k) for k in SHAPE_KEYS})
+            if self._shape(cfg) != mine:
+                raise ValueError(f"LoRA shape {self._shape(cfg)} unlike the serving slot's {mine}")
+            device = next(self.peft.parameters()).device
+            weights = load_file(str(folder / WEIGHTS_FILE), device=str(device))
+        except Exception as exc:
+            raise AdapterUnavailable(f"adapter {folder}: {type(exc).__name__}: {exc}") from exc
         self.loads += 1
         return weights
 
+    @staticmethod
+    def _key(folder: Path) -> str:
+        """The folder and its weights file's identity: a folder path can come back with other
+        weights (a user deleted by another process and created again), a stat is microseconds."""
+        try:
+            st = (folder / WEIGHTS_FILE).stat()
+        except OSError as exc:
+            raise AdapterUnavailable(f"adapter {folder}: {exc}") from exc
+        return f"{folder}@{st.st_mtime_ns}:{st.st_size}:{st.st_ino}"
+
     def _weights_for(self, folder: Path) -> dict[str, torch.Tensor]:
-        key = str(folder)
+        key = self._key(folder)
         if key in self._weights:
             self._weights.move_to_end(key)
             return self._weights[key]
@@ -80,13 +98,14 @@ class AdapterCache:
                 with self.peft.disable_adapter():
                     yield self.peft
                 return
-            key = str(adapter_folder)
             weights = self._weights_for(adapter_folder)
+            key = self._key(adapter_folder)
             if self._in_slot != key:
                 result = set_peft_model_state_dict(self.peft, weights, adapter_name=SLOT)
                 unexpected = getattr(result, "unexpected_keys", [])
                 if unexpected:
-                    raise ValueError(f"adapter {adapter_folder} has weights the slot doesn't: {unexpected[:3]}")
+                    self._in_slot = None
+                    raise AdapterUnavailable(f"adapter {adapter_folder} has weights the slot doesn't: {unexpected[:3]}")
                 self._in_slot = key
             yield self.peft
 

@@ -15,13 +15,16 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import uuid
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Callable, Iterable
 
 from sqlalchemy import func
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from adapters import registry
@@ -85,6 +88,13 @@ class InProcessExecutor(Executor):
 # -- the lease ------------------------------------------------------------------------------
 
 def acquire_lease(rt: Runtime, holder: str, ttl: timedelta = LEASE_TTL) -> bool:
+    try:
+        return _take_lease(rt, holder, ttl)
+    except IntegrityError:  # another process inserted the lease row first (PostgreSQL race)
+        return False
+
+
+def _take_lease(rt: Runtime, holder: str, ttl: timedelta) -> bool:
     now = utcnow()
     with session_scope(rt.engine) as s:
         lease = s.exec(select(Lease).where(Lease.name == LEASE_NAME).with_for_update()).first()
@@ -98,10 +108,24 @@ def acquire_lease(rt: Runtime, holder: str, ttl: timedelta = LEASE_TTL) -> bool:
         return True
 
 
+def _process_start(pid: int) -> str:
+    """When a process started (clock ticks since boot, from /proc): with the pid it names one
+    process, even after the pid is reused. Empty where /proc doesn't say."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rpartition(")")[2].split()[19]  # field 22, counted after the command name
+    except (OSError, IndexError):
+        return ""
+
+
+def lease_holder() -> str:
+    pid = os.getpid()
+    return f"{socket.gethostname()}:{pid}:{_process_start(pid)}:{uuid.uuid4().hex[:8]}"
+
+
 def _holder_is_dead(holder: str) -> bool:
     """A holder on this host whose process is gone (killed mid-night) no longer holds the lease."""
-    host, _, rest = holder.partition(":")
-    pid = rest.partition(":")[0]
+    host, pid, started, *_ = (holder.split(":") + ["", "", ""])[:4]
     if host != socket.gethostname() or not pid.isdigit():
         return False  # another machine's run: only its TTL can end it
     try:
@@ -110,7 +134,8 @@ def _holder_is_dead(holder: str) -> bool:
         return True
     except PermissionError:
         return False
-    return False
+    # the pid is alive, but is it still the holder, or a new process that reused the pid?
+    return bool(started) and _process_start(int(pid)) not in ("", started)
 
 
 def release_lease(rt: Runtime, holder: str) -> None:
@@ -217,7 +242,7 @@ def run_night(
     from continual.update import update_user
 
     update = update or update_user
-    holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    holder = lease_holder()
     if not acquire_lease(rt, holder):
         raise NightAlreadyRunning("another nightly run holds the lease")
     try:
@@ -229,13 +254,23 @@ def run_night(
             ensure_global_memory(rt)
         log.info("night %s: %d users with new feedback", night_id, len(jobs))
         executor = executor or InProcessExecutor()
-        futures = [(job, executor.submit(_guarded, update, rt, job)) for job in jobs]
-        results = []
-        for done, (job, fut) in enumerate(futures, 1):
-            result = fut.result()
-            results.append(result)
-            if on_result is not None:
-                on_result(result, done, len(jobs))
+        results: list[UserResult] = []
+        lock = threading.Lock()
+
+        def collect(fut: Future) -> None:  # as each job finishes, whichever executor ran it
+            with lock:
+                results.append(fut.result())
+                if on_result is not None:
+                    on_result(results[-1], len(results), len(jobs))
+
+        futures = []
+        for job in jobs:
+            fut = executor.submit(_guarded, update, rt, job)
+            fut.add_done_callback(collect)
+            futures.append(fut)
+        wait(futures)
+        for fut in futures:
+            fut.result()  # re-raise what no job should swallow (KeyboardInterrupt, SystemExit)
         return NightSummary(night_id, cutoff_time, results)
     finally:
         release_lease(rt, holder)
@@ -246,6 +281,13 @@ def _guarded(update: Callable[[Runtime, UserJob], UserResult], rt: Runtime, job:
     try:
         return update(rt, job)
     except Exception as exc:
+        with session_scope(rt.engine) as s:
+            deleted = s.get(User, job.user_id) is None
+        if deleted:  # deleted while we trained: drop what the job wrote after the deletion
+            registry.delete_user_files(rt.settings.adapters_dir, job.user_id)
+            rt.forget_user(job.user_id)
+            log.info("user %s was deleted during the night; their update was dropped", job.user_id)
+            return UserResult(job.user_id, RunStatus.skipped, error="user deleted during the night")
         log.exception("nightly update failed for user %s", job.user_id)
         error = f"{type(exc).__name__}: {exc}"
         with session_scope(rt.engine) as s:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -55,6 +55,17 @@ class UpdateConfig:
     prior_strength: float = 5.0
     gate_metric: str = "macro_f1"  # "macro_f1" | "accuracy": what "not worse" means at the gate
     extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_overrides(cls, overrides: dict) -> "UpdateConfig":
+        """Defaults, with settings.update's values on top (a typo is an error, not a no-op)."""
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown nightly update settings {sorted(unknown)}; known: {[f.name for f in fields(cls)]}")
+        config = cls(**overrides)
+        if config.replay not in ("faiss", "random", "none") or config.gate_metric not in ("macro_f1", "accuracy"):
+            raise ValueError("update.replay must be faiss|random|none and update.gate_metric macro_f1|accuracy")
+        return config
 
 
 def _seed_for(job: UserJob) -> int:
@@ -96,7 +107,7 @@ def update_user(rt: Runtime, job: UserJob, config: UpdateConfig | None = None) -
     memory = rt.replay_memory
     index = memory.sync_user(job.user_id, examples)
     by_id = {e.id: e for e in examples}
-    replay, selection_info = _select_replay(memory, index, older, train_new, config, rng, by_id)
+    replay, selection_info = _select_replay(memory, index, older, train_new, holdout, config, rng, by_id)
 
     # -- avalanche: experiences, strategy with the FAISS replay buffer, evaluation -----------
     table = ExampleTable()
@@ -205,8 +216,14 @@ def update_user(rt: Runtime, job: UserJob, config: UpdateConfig | None = None) -
                     **{f"gate_active_{k}": v for k, v in active.items()}})
 
     with session_scope(rt.engine) as s:
+        registry.lock_user(s, job.user_id)  # a rollback of this user waits for this transaction
         row = registry.get(s, job.user_id, version)
         row.metrics = metrics
+        now_active = registry.active(s, job.user_id)
+        if promoted and (now_active and now_active.version) != (current and current.version):
+            # The user (or an operator) rolled back while we trained: their choice stands.
+            promoted = False
+            reason = f"the active adapter changed during the night (now {now_active.version if now_active else 'base'}); {reason}"
         if promoted:
             registry.activate(s, job.user_id, version, reason=f"promoted: {reason}")
         else:
@@ -221,7 +238,7 @@ def update_user(rt: Runtime, job: UserJob, config: UpdateConfig | None = None) -
     return UserResult(job.user_id, status, version, metrics, seconds=time.perf_counter() - t0)
 
 
-def _select_replay(memory, index, older, train_new, config: UpdateConfig, rng, by_id):
+def _select_replay(memory, index, older, train_new, holdout, config: UpdateConfig, rng, by_id):
     if config.replay == "none":
         return [], {"kind": "none"}
     if config.replay == "random":
@@ -240,6 +257,7 @@ def _select_replay(memory, index, older, train_new, config: UpdateConfig, rng, b
         random_ratio=config.random_ratio,
         n_global=config.n_global,
         rng=rng,
+        exclude=[e.id for e in holdout],
     )
     chosen = [by_id[i] for i in sel.user_ids if i in by_id] + sel.global_examples
     info = {"kind": "faiss", "neighbours": len(sel.neighbour_ids), "random": len(sel.random_ids), "global": len(sel.global_examples)}

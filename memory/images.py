@@ -20,7 +20,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from safetensors.torch import load_file, save_file
 
-ALLOWED_FORMATS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp"}
+# MPO: the multi-picture JPEG many phone cameras write (Pillow reads its first frame).
+ALLOWED_FORMATS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp"}
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -71,6 +72,8 @@ def decode_checked(data: bytes, max_bytes: int, max_pixels: int, max_side: int) 
         raise ImageRejected(f"image refused as a decompression bomb: {exc}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageRejected(f"image could not be decoded: {exc}") from None
+    except Exception as exc:  # a decoder's own failure on hostile bytes is still a bad image, not a crash
+        raise ImageRejected(f"image could not be decoded ({type(exc).__name__})") from None
 
 
 class ImageStore:

@@ -209,15 +209,18 @@ class ReplayMemory:
         random_ratio: float = 0.5,
         n_global: int = 8,
         rng: np.random.Generator,
+        exclude: Sequence[int] = (),
     ) -> ReplaySelection:
-        new_set = set(new_ids)
+        """Replay for `new_ids` (tonight's training examples). `exclude`: ids replay must not
+        draw on either (the gate's held-back slice, which must stay unseen)."""
+        new_set = set(new_ids) | set(exclude)
         older = [i for i in index.ids.tolist() if i not in new_set]
         new_present = [i for i in new_ids if i in index.labels]
         neighbours: list[int] = []
         if older and new_present and neighbours_per_new > 0:
             queries = index.vectors(new_present)
             # Search past the new rows themselves, then keep the older ones.
-            _, found = index.search(queries, neighbours_per_new + len(new_present))
+            _, found = index.search(queries, neighbours_per_new + len(new_set))
             seen: set[int] = set()
             for row in found:
                 kept = [int(i) for i in row if i >= 0 and int(i) not in new_set][:neighbours_per_new]
@@ -225,7 +228,8 @@ class ReplayMemory:
                     if i not in seen:
                         seen.add(i)
                         neighbours.append(i)
-        rest = [i for i in older if i not in set(neighbours)]
+        chosen = set(neighbours)
+        rest = [i for i in older if i not in chosen]
         n_random = min(len(rest), math.ceil(random_ratio * len(new_ids)))
         randoms = sorted(rng.choice(rest, size=n_random, replace=False).tolist()) if n_random else []
 

@@ -7,16 +7,13 @@ from contextlib import asynccontextmanager
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
-from sqlalchemy import text as sql_text
-from sqlmodel import func, select
 from starlette.datastructures import UploadFile
 
-from memory.db import session_scope
-from memory.models import JobStatus, RationaleJob
 from nightowl import interactions
 from nightowl.auth import Principal, is_admin_token, load_or_create_admin_token
 from nightowl.errors import InvalidInput, NightowlError, PayloadTooLarge, Unauthorized, UnsupportedMediaType
@@ -32,6 +29,7 @@ from nightowl.schemas import (
     PostLogged,
     RollbackIn,
     UserCreate,
+    MAX_ID,
     UserCreated,
 )
 
@@ -81,14 +79,13 @@ def create_app(rt: Runtime, background: bool = True) -> FastAPI:
         headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
         return JSONResponse({"detail": exc.message}, status_code=exc.status_code, headers=headers)
 
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next):
-        # Refuse an oversized upload from its header, before reading it (base64 is 4/3 larger).
-        limit = rt.settings.limits.max_image_bytes * 4 // 3 + 256 * 1024
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > limit):
-            return JSONResponse({"detail": f"request body over the {limit}-byte limit"}, status_code=413)
-        return await call_next(request)
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # One shape for every error: {"detail": "<message>"} (FastAPI's default is a list).
+        return JSONResponse({"detail": _validation_message(exc)}, status_code=422)
+
+    # The largest body a request may carry: an image at its limit, base64 (4/3 larger), plus fields.
+    app.add_middleware(BodySizeLimit, limit=rt.settings.limits.max_image_bytes * 4 // 3 + 256 * 1024)
 
     def principal(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Principal:
         if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
@@ -104,14 +101,7 @@ def create_app(rt: Runtime, background: bool = True) -> FastAPI:
 
     @app.get("/healthz", response_model=Health, tags=["ops"])
     def healthz() -> Health:
-        with session_scope(rt.engine) as s:
-            s.exec(sql_text("SELECT 1"))
-            pending = s.exec(
-                select(func.count()).select_from(RationaleJob).where(RationaleJob.status == JobStatus.pending)
-            ).one()
-        return Health(
-            status="ok", database=rt.engine.dialect.name, model_loaded=rt.predictor_loaded, pending_rationales=pending
-        )
+        return interactions.health(rt)
 
     @app.post("/v1/users", response_model=UserCreated, status_code=201, responses=ERRORS, tags=["users"])
     def create_user(body: UserCreate, caller: Caller) -> UserCreated:
@@ -146,11 +136,14 @@ def create_app(rt: Runtime, background: bool = True) -> FastAPI:
             }
         },
     )
-    async def log_post(user_id: str, request: Request, caller: Caller) -> PostLogged:
-        """Log a post (JSON with base64 image, or multipart with an image file); returns the user's prediction."""
+    async def log_post(user_id: str, request: Request, caller: Caller) -> JSONResponse:
+        """Log a post (JSON with base64 image, or multipart with an image file); returns the user's prediction.
+        A retry with the same idempotency_key returns 200 and the stored answer."""
         caller.require_user(user_id)
         text, aspect, context, image, key = await _read_post_body(request, rt.settings.limits.max_image_bytes)
-        return await run_in_threadpool(interactions.log_post, rt, user_id, text, aspect, image, key, context)
+        out = await run_in_threadpool(interactions.log_post, rt, user_id, text, aspect, image, key, context)
+        # 201 for a new post, 200 for a retry of a stored key (as for feedback)
+        return JSONResponse(out.model_dump(mode="json"), status_code=200 if out.duplicate else 201)
 
     @app.post(
         "/v1/users/{user_id}/feedback", response_model=FeedbackOut, status_code=201, responses=ERRORS, tags=["feedback"]
@@ -166,7 +159,7 @@ def create_app(rt: Runtime, background: bool = True) -> FastAPI:
         user_id: str,
         caller: Caller,
         limit: Annotated[int, Query(ge=1, le=500)] = 20,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
     ) -> PostList:
         """The user's posts, newest first, with predictions and feedback."""
         caller.require_user(user_id)
@@ -193,6 +186,52 @@ def create_app(rt: Runtime, background: bool = True) -> FastAPI:
     return app
 
 
+class _BodyTooLarge(BaseException):
+    # A BaseException so that no body parser on the way (FastAPI's, multipart's) turns it into
+    # its own 400/422: it must reach BodySizeLimit, which answers 413.
+    pass
+
+
+class BodySizeLimit:
+    """Refuse request bodies over `limit` bytes: from Content-Length before reading anything, and
+    by counting what arrives when there is none (chunked uploads), before it all sits in memory."""
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            return await self._refuse(scope, send)
+        received, started = 0, False
+
+        async def counting_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    raise _BodyTooLarge()
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _BodyTooLarge:
+            if not started:
+                await self._refuse(scope, send)
+
+    async def _refuse(self, scope, send) -> None:
+        await JSONResponse({"detail": f"request body over the {self.limit}-byte limit"}, status_code=413)(scope, None, send)
+
+
 async def _read_post_body(
     request: Request, max_image_bytes: int
 ) -> tuple[str | None, str | None, str | None, bytes | None, str | None]:
@@ -200,8 +239,8 @@ async def _read_post_body(
     if content_type == "application/json":
         try:
             body = PostJSON.model_validate(json.loads(await request.body()))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise InvalidInput("request body is not valid JSON") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            raise InvalidInput("request body is not valid JSON (or nests too deeply)") from None
         except ValidationError as exc:
             raise InvalidInput(_validation_message(exc)) from None
         image = interactions.decode_base64_image(body.image_base64) if body.image_base64 else None
@@ -229,5 +268,5 @@ async def _read_post_body(
     raise UnsupportedMediaType("send the post as application/json or multipart/form-data")
 
 
-def _validation_message(exc: ValidationError) -> str:
+def _validation_message(exc: ValidationError | RequestValidationError) -> str:
     return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())

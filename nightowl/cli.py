@@ -73,6 +73,15 @@ def serve(
     uvicorn.run(create_app(rt), host=host, port=port, log_level=log_level)
 
 
+@app.command()
+@cli_errors
+def health() -> None:
+    """Check the configured store (as GET /healthz does): database, model, rationale queue."""
+    from nightowl import interactions
+
+    _emit(interactions.health(_runtime()))
+
+
 @users_app.command("create")
 @cli_errors
 def users_create(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import uuid
 
 from sqlalchemy import func
@@ -16,13 +17,14 @@ from sqlmodel import Session, col, select
 
 from memory.db import session_scope
 from memory.images import ImageRejected
-from memory.models import Feedback, Post, Prediction, Rationale, RationaleJob, User
+from memory.models import Feedback, JobStatus, Post, Prediction, Rationale, RationaleJob, User
 from nightowl.auth import hash_token, new_token, validate_user_id
 from nightowl.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge
 from nightowl.runtime import Runtime
 from nightowl.schemas import (
     FeedbackItem,
     FeedbackOut,
+    Health,
     PostItem,
     PostList,
     PostLogged,
@@ -31,12 +33,39 @@ from nightowl.schemas import (
 )
 
 
+# --- health ------------------------------------------------------------------------------
+
+def health(rt: Runtime) -> Health:
+    """The database answers; whether the model is loaded; how many rationale requests wait."""
+    from sqlalchemy import text as sql_text
+
+    with session_scope(rt.engine) as s:
+        s.exec(sql_text("SELECT 1"))
+        pending = s.exec(
+            select(func.count()).select_from(RationaleJob).where(RationaleJob.status == JobStatus.pending)
+        ).one()
+    return Health(status="ok", database=rt.engine.dialect.name, model_loaded=rt.predictor_loaded, pending_rationales=pending)
+
+
 # --- users -------------------------------------------------------------------------------
+
+def _check_unicode(what: str, value: str | None) -> None:
+    """Refuse what can't be stored as UTF-8 (lone surrogates from JSON "\\ud800" escapes) or holds NULs."""
+    if value is None:
+        return
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput(f"{what} is not valid Unicode text (it holds a lone surrogate)") from None
+    if "\x00" in value:
+        raise InvalidInput(f"{what} must not contain NUL characters")
+
 
 def create_user(rt: Runtime, user_id: str, name: str | None = None) -> UserCreated:
     validate_user_id(user_id)
     if name is not None and len(name) > 200:
         raise InvalidInput("name is longer than 200 characters")
+    _check_unicode("name", name)
     token = new_token()
     try:
         with session_scope(rt.engine) as s:
@@ -80,8 +109,8 @@ def _check_text(
         context = context.strip() or None
     if context is not None and len(context) > limits.max_text_chars:
         raise InvalidInput(f"context is {len(context)} characters; the limit is {limits.max_text_chars}")
-    if any("\x00" in v for v in (text, aspect, context) if v):
-        raise InvalidInput("text, aspect and context must not contain NUL characters")
+    for what, value in (("text", text), ("aspect", aspect), ("context", context)):
+        _check_unicode(what, value)
     return text, aspect, context
 
 
@@ -124,7 +153,7 @@ def log_post(
         if idempotency_key is not None:
             existing = _post_by_key(s, user_id, idempotency_key)
             if existing is not None:
-                return _same_post_or_conflict(s, existing, text, aspect)
+                return _same_post_or_conflict(s, existing, text, aspect, context, _sha(image))
 
     image_sha, features = None, None
     if image is not None:
@@ -173,7 +202,7 @@ def log_post(
             existing = _post_by_key(s, user_id, idempotency_key) if idempotency_key else None
             if existing is None:
                 raise
-            return _same_post_or_conflict(s, existing, text, aspect)
+            return _same_post_or_conflict(s, existing, text, aspect, context, image_sha)
     return PostLogged(post_id=post_id, prediction=_prediction_out(pred), image_sha256=image_sha)
 
 
@@ -181,8 +210,14 @@ def _post_by_key(s: Session, user_id: str, key: str) -> Post | None:
     return s.exec(select(Post).where(Post.user_id == user_id, Post.idempotency_key == key)).first()
 
 
-def _same_post_or_conflict(s: Session, post: Post, text: str, aspect: str | None) -> PostLogged:
-    if post.text != text or post.aspect != aspect:
+def _sha(image: bytes | None) -> str | None:
+    return hashlib.sha256(image).hexdigest() if image is not None else None
+
+
+def _same_post_or_conflict(
+    s: Session, post: Post, text: str, aspect: str | None, context: str | None, image_sha: str | None
+) -> PostLogged:
+    if (post.text, post.aspect, post.context, post.image_sha256) != (text, aspect, context, image_sha):
         raise Conflict("this idempotency_key was already used for a different post")
     pred = s.exec(select(Prediction).where(Prediction.post_id == post.id).order_by(col(Prediction.id).desc())).first()
     return PostLogged(
@@ -206,8 +241,7 @@ def log_feedback(
     limit = rt.settings.limits.max_reason_chars
     if reason is not None and len(reason) > limit:
         raise InvalidInput(f"reason is {len(reason)} characters; the limit is {limit}")
-    if reason is not None and "\x00" in reason:
-        raise InvalidInput("reason must not contain NUL characters")
+    _check_unicode("reason", reason)
     key = _check_key(rt, idempotency_key, "feedback") or uuid.uuid4().hex
 
     try:

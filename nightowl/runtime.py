@@ -68,7 +68,7 @@ class Runtime:
     def update_config(self):
         from continual.update import UpdateConfig
 
-        return UpdateConfig()
+        return UpdateConfig.from_overrides(self.settings.update)
 
     def active_adapter(self, user_id: str) -> "AdapterRef | None":
         """The adapter that serves this user now (None: the base model)."""

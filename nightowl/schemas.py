@@ -6,6 +6,9 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
+# Row ids are 32-bit integers on PostgreSQL (64 on SQLite): anything larger can't name a row.
+MAX_ID = 2**31 - 1
+
 
 class UserCreate(BaseModel):
     user_id: str = Field(description="1-64 letters, digits, '_' or '-'.", examples=["alice"])
@@ -44,7 +47,7 @@ class PostLogged(BaseModel):
 
 
 class FeedbackIn(BaseModel):
-    post_id: int
+    post_id: int = Field(ge=1, le=MAX_ID)
     label: str
     reason: str | None = None
     idempotency_key: str | None = Field(
@@ -113,4 +116,4 @@ class AdapterList(BaseModel):
 
 
 class RollbackIn(BaseModel):
-    version: int | None = Field(description="The version to make active; null goes back to the base model.")
+    version: int | None = Field(ge=1, le=MAX_ID, description="The version to make active; null goes back to the base model.")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import (
@@ -85,6 +85,11 @@ class Settings(BaseSettings):
     timezone: str | None = Field(default=None, description="IANA zone for nightly_time; default: local.")
     adapter_cache_size: int = Field(default=64, description="User adapters kept loaded (LRU).")
     replay_capacity: int = Field(default=2000, description="Examples per user in the FAISS replay memory.")
+    update: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Overrides of the nightly update's settings (continual.update.UpdateConfig), "
+        'e.g. {"epochs": 8, "ewc_lambda": 100}; a TOML [update] table or NIGHTOWL_UPDATE as JSON.',
+    )
     global_replay_data: Path | None = Field(
         default=None,
         description="Labelled examples (TomBERT TSV or JSONL) for the global replay memory; "

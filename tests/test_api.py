@@ -126,3 +126,48 @@ def test_hostile_requests(client):
     assert client.post("/v1/users/zed/feedback", json={"post_id": "x", "label": "positive"}, headers=h).status_code == 422
     assert client.get("/v1/users/zed/posts?limit=100000", headers=h).status_code == 422
     assert client.get("/v1/users/zed/posts", headers=h).json()["total"] == 0
+
+
+def test_more_hostile_requests_get_4xx_and_write_nothing(client):
+    h = _user(client, "yan")
+    json_h = {**h, "Content-Type": "application/json"}
+    # JSON nested past the parser's recursion limit
+    r = client.post("/v1/users/yan/posts", content=b"[" * 100_000, headers=json_h)
+    assert r.status_code == 422 and "JSON" in r.json()["detail"]
+    # lone surrogates (valid JSON escapes, not storable text)
+    for body in (b'{"text": "hi \\ud800"}', b'{"text": "hi", "aspect": "\\udfff"}'):
+        r = client.post("/v1/users/yan/posts", content=body, headers=json_h)
+        assert r.status_code == 422 and "Unicode" in r.json()["detail"], r.text
+    r = client.post("/v1/users", content=b'{"user_id": "sur", "name": "\\ud800"}', headers={**admin_headers(), "Content-Type": "application/json"})
+    assert r.status_code == 422
+    # integers no row id can have; FastAPI's own validation errors come as {"detail": "<message>"} too
+    for fb in ({"post_id": 2**70, "label": "positive"}, {"post_id": 0, "label": "positive"}):
+        r = client.post("/v1/users/yan/feedback", json=fb, headers=h)
+        assert r.status_code == 422 and isinstance(r.json()["detail"], str) and "post_id" in r.json()["detail"]
+    assert client.get(f"/v1/users/yan/posts?offset={2**70}", headers=h).status_code == 422
+    assert client.post("/v1/users/yan/adapters/rollback", json={"version": 2**70}, headers=h).status_code == 422
+    # a chunked body (no Content-Length) over the limit is cut off with 413, not read whole
+    def chunks():
+        for _ in range(16):
+            yield b"x" * (1024 * 1024)
+    r = client.post("/v1/users/yan/posts", content=chunks(), headers=json_h)
+    assert r.status_code == 413
+    # a 1 x 12000 strip passes the pixel limits and must not blow up the image encoder
+    strip = io.BytesIO()
+    Image.new("RGB", (1, 12_000), (200, 10, 10)).save(strip, format="PNG")
+    r = client.post("/v1/users/yan/posts", data={"text": "strip"}, files={"image": ("s.png", strip.getvalue(), "image/png")}, headers=h)
+    assert r.status_code == 201, r.text
+    assert client.get("/v1/users/yan/posts", headers=h).json()["total"] == 1
+
+
+def test_post_retries_answer_200_and_a_reused_key_for_other_content_409(client):
+    h = _user(client, "rey")
+    body = {"text": "$T$ again", "aspect": "Mondays", "idempotency_key": "p-1"}
+    r1 = client.post("/v1/users/rey/posts", json=body, headers=h)
+    r2 = client.post("/v1/users/rey/posts", json=body, headers=h)
+    assert (r1.status_code, r2.status_code) == (201, 200)
+    assert r1.json()["post_id"] == r2.json()["post_id"] and r2.json()["duplicate"]
+    assert client.post("/v1/users/rey/posts", json={**body, "context": "other"}, headers=h).status_code == 409
+    img = base64.b64encode(_jpeg()).decode()
+    assert client.post("/v1/users/rey/posts", json={**body, "image_base64": img}, headers=h).status_code == 409
+    assert client.get("/v1/users/rey/posts", headers=h).json()["total"] == 1

@@ -1,0 +1,104 @@
+"""README tables from the benchmark results files, so the README never quotes a number by hand.
+
+    python -m benchmarks.report            # print the tables
+    python -m benchmarks.report --readme   # rewrite them in README.md, between their markers
+
+Each table sits in README.md between `<!-- table:NAME -->` and `<!-- /table:NAME -->`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _fmt(v, digits: int = 2) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def twitter2015_table(path: Path = RESULTS / "twitter2015.json") -> str:
+    data = json.loads(path.read_text())
+    lines = [
+        "| row | accuracy | macro-F1 | seeds (acc / F1) | s per epoch | ms per post | trained on, selected on |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        if r.get("reference"):
+            lines.append(f"| {r['name']} | {r['accuracy_mean']:.2f} | {r['macro_f1_mean']:.2f} | | | | published |")
+            continue
+        seeds = ", ".join(f"{s['accuracy']:.1f} / {s['macro_f1']:.1f}" for s in r["per_seed"])
+        where = r["per_seed"][0].get("selection", "dev")
+        trained = "train + dev" if "dev (with rationales) joins" in where else "train"
+        selected = "15% slice of train" if trained == "train + dev" else "dev"
+        lines.append(
+            f"| {r['name']} | {r['accuracy_mean']:.2f} ± {r['accuracy_std']:.2f} | {r['macro_f1_mean']:.2f} ± "
+            f"{r['macro_f1_std']:.2f} | {seeds} | {r['epoch_seconds_median']:.0f} | "
+            f"{r['single_inference_ms_median']:.1f} | {trained}, {selected} |"
+        )
+    return "\n".join(lines)
+
+
+def personalize_table(path: Path = RESULTS / "personalization-multipico_en.json") -> str:
+    data = json.loads(path.read_text())
+    lines = [
+        f"{data['n_users']} users, {data['nights']} nights; per-user private test sets "
+        f"(median {data['test_rows_per_user_median']:g} posts), macro-F1 and accuracy in percent after the last night.",
+        "",
+        "| row | macro-F1 | accuracy | gain vs base (F1 points) | users gained | forgetting | BWT | s per user-night |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in data["rows"]:
+        lines.append(
+            f"| {r['name']} | {r['macro_f1_mean']:.2f} | {r['accuracy_mean']:.2f} | {r['gain_vs_base_mean']:+.2f} | "
+            f"{100 * r['share_users_gained']:.0f}% | {_fmt(r['forgetting_mean'])} | {_fmt(r['bwt_mean'])} | "
+            f"{_fmt(r.get('nightly_seconds_per_user_median'), 1)} |"
+        )
+    return "\n".join(lines)
+
+
+TABLES = {"twitter2015": twitter2015_table, "personalize": personalize_table}
+
+
+def render(name: str) -> str | None:
+    try:
+        return TABLES[name]()
+    except FileNotFoundError:
+        return None
+
+
+def rewrite_readme(readme: Path = ROOT / "README.md") -> list[str]:
+    text = readme.read_text()
+    done = []
+    for name in TABLES:
+        table = render(name)
+        if table is None:
+            continue
+        pattern = re.compile(rf"(<!-- table:{name} -->\n).*?(<!-- /table:{name} -->)", re.S)
+        text, n = pattern.subn(lambda m: m.group(1) + table + "\n" + m.group(2), text)
+        if n:
+            done.append(name)
+    tmp = readme.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(readme)
+    return done
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--readme", action="store_true", help="rewrite the tables in README.md")
+    args = ap.parse_args()
+    if args.readme:
+        print("rewrote:", ", ".join(rewrite_readme()) or "nothing")
+        return
+    for name in TABLES:
+        table = render(name)
+        print(f"## {name}\n\n{table or '(no results file yet)'}\n")
+
+
+if __name__ == "__main__":
+    main()
