@@ -61,7 +61,45 @@ def personalize_table(path: Path = RESULTS / "personalization-multipico_en.json"
     return "\n".join(lines)
 
 
-TABLES = {"twitter2015": twitter2015_table, "personalize": personalize_table}
+def _lat(d: dict) -> str:
+    return f"p50 {d['p50_ms']:.1f} ms, p99 {d['p99_ms']:.1f} ms"
+
+
+def systems_table() -> str:
+    """The day side, the FAISS memory, the nightly cost and inference, from their results files."""
+    lines = ["| benchmark | figure | on this machine |", "|---|---|---|"]
+    ingest = json.loads((RESULTS / "ingest.json").read_text())
+    for key, what in (("feedback_ingest_1_client", "1 client"), ("feedback_ingest_concurrent", None)):
+        r = ingest[key]
+        what = what or f"{r['clients']} concurrent clients"
+        lines.append(f"| `benchmarks.ingest` | durable feedback ingest, {what} | {r['events_per_s']:.1f} events/s "
+                     f"({_lat(r['latency'])}), {r['errors']} errors |")
+    lines.append(f"| | post latency, text (prediction included) | {_lat(ingest['post_latency_text'])} |")
+    lines.append(f"| | post latency, with a 224 px image | {_lat(ingest['post_latency_with_image'])} |")
+    faiss = json.loads((RESULTS / "faiss_memory.json").read_text())
+    for r in faiss["rows"]:
+        lines.append(f"| `benchmarks.faiss_memory` | {r['vectors']:,} vectors ({r['dim']}-d) | add {r['add_s']:.3f} s; "
+                     f"1-query search p50 {r['search_1_query_p50_ms']:.1f} ms; {r['bytes_per_example']:.0f} bytes/example |")
+    for name in ("nightly_cost_cpu", "nightly_cost_gpu"):
+        path = RESULTS / f"{name}.json"
+        if path.exists():
+            r = json.loads(path.read_text())
+            lines.append(f"| `benchmarks.nightly_cost` ({r['device']}) | one user's night, {r['new_feedback_per_user']} new "
+                         f"feedback + replay, gate included | median {r['seconds_per_user_median']:.1f} s; "
+                         f"{r['users_per_hour']:.0f} users/hour |")
+    inf = json.loads((RESULTS / "inference.json").read_text())
+    lines += [
+        f"| `benchmarks.inference` | base model | {_lat(inf['base_model'])} |",
+        f"| | warm adapter | {_lat(inf['warm_adapter'])} |",
+        f"| | with an adapter load | {_lat(inf['adapter_load'])} |",
+        f"| | {inf['users_cycling']['users']:,} users through a cache of {inf['users_cycling']['cache']} "
+        f"(hit rate {100 * inf['users_cycling']['hit_rate']:.0f}%) | {_lat(inf['users_cycling'])} |",
+        f"| | one user adapter on disk | {inf['adapter_bytes']:,} bytes |",
+    ]
+    return "\n".join(lines)
+
+
+TABLES = {"twitter2015": twitter2015_table, "personalize": personalize_table, "systems": systems_table}
 
 
 def render(name: str) -> str | None:

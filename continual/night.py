@@ -237,8 +237,10 @@ def run_night(
     only_users: Iterable[str] | None = None,
     on_result: Callable[[UserResult, int, int], None] | None = None,
     update: Callable[[Runtime, UserJob], UserResult] | None = None,
+    stop: threading.Event | None = None,
 ) -> NightSummary:
-    """Run one night. `on_result(result, done, total)` drives a progress bar."""
+    """Run one night. `on_result(result, done, total)` drives a progress bar. Once `stop` is set
+    (the server is shutting down), users not yet started are skipped: the next night does them."""
     from continual.update import update_user
 
     update = update or update_user
@@ -265,7 +267,7 @@ def run_night(
 
         futures = []
         for job in jobs:
-            fut = executor.submit(_guarded, update, rt, job)
+            fut = executor.submit(_guarded, update, rt, job, stop)
             fut.add_done_callback(collect)
             futures.append(fut)
         wait(futures)
@@ -276,8 +278,11 @@ def run_night(
         release_lease(rt, holder)
 
 
-def _guarded(update: Callable[[Runtime, UserJob], UserResult], rt: Runtime, job: UserJob) -> UserResult:
+def _guarded(update: Callable[[Runtime, UserJob], UserResult], rt: Runtime, job: UserJob,
+             stop: threading.Event | None = None) -> UserResult:
     """One user's failure is recorded on their run and never stops the others."""
+    if stop is not None and stop.is_set():
+        return UserResult(job.user_id, RunStatus.skipped, error="shutting down; left for the next night")
     try:
         return update(rt, job)
     except Exception as exc:

@@ -62,6 +62,9 @@ def create_app(rt: Runtime, background: bool = True) -> FastAPI:
             yield
         finally:
             if scheduler is not None:
+                from scheduler.nightly import stopping
+
+                stopping.set()
                 scheduler.shutdown(wait=False)
             if worker is not None:
                 worker.stop()

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from datetime import datetime
 
 from apscheduler.executors.pool import ThreadPoolExecutor
@@ -29,6 +30,9 @@ MISFIRE_GRACE_S = 6 * 3600
 # The job store keeps a reference to a module-level function (not a pickled object), so the job
 # finds the running process's runtime here instead of carrying it in the database.
 _runtime: Runtime | None = None
+# Set when the server stops: a night under way finishes the user in hand and leaves the rest
+# for the next night, instead of holding the shutdown for hours.
+stopping = threading.Event()
 
 
 def nightly_job() -> None:
@@ -37,13 +41,14 @@ def nightly_job() -> None:
     if _runtime is None:  # pragma: no cover - only if the job fires outside `nightowl serve`
         log.error("nightly job fired with no runtime; skipped")
         return
-    summary = run_night(_runtime)
+    summary = run_night(_runtime, stop=stopping)
     log.info("night finished: %s", summary.counts())
 
 
 def build_scheduler(rt: Runtime) -> BackgroundScheduler:
     global _runtime
     _runtime = rt
+    stopping.clear()
     settings = rt.settings
     zone = settings.timezone or get_localzone()
     hour, minute = (int(x) for x in settings.nightly_time.split(":"))

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -175,6 +176,11 @@ def test_rollback_and_failure_isolation(night_rt):
         if job.user_id == "a1":
             raise RuntimeError("disk full (simulated)")
         return update_user(rt_, job)
+
+    stop = threading.Event()
+    stop.set()  # a server shutting down: nobody starts, everybody is left for the next night
+    skipped = run_night(rt, stop=stop)
+    assert {r.user_id: r.status for r in skipped.results} == {"a1": RunStatus.skipped, "a2": RunStatus.skipped}
 
     summary = run_night(rt, update=flaky)
     status = {r.user_id: r.status for r in summary.results}
