@@ -122,13 +122,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--rows", nargs="+", default=["text", "text_image", "text_image_rationale"])
+    ap.add_argument("--rows", nargs="*", default=["text", "text_image", "text_image_rationale"])
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--recipe", nargs="*", default=[], metavar="KEY=VALUE", help="TrainRecipe overrides, e.g. lr_encoder=1e-3")
     ap.add_argument("--model", nargs="*", default=[], metavar="KEY=VALUE", help="FusionConfig overrides, e.g. target_pooling=false")
     ap.add_argument("--tag", default="", help="suffix for the row names and model folders of this variant")
+    ap.add_argument("--ensemble", nargs="*", default=[], metavar="ROW",
+                    help="also score the probability average of these rows' saved seed models (no training)")
     args = ap.parse_args()
     recipe, model_overrides = parse_overrides(args.recipe), parse_overrides(args.model)
     torch.set_num_threads(args.threads)
@@ -136,7 +138,7 @@ def main() -> None:
     data = {s: read_tombert_tsv(args.data / f"{s}.tsv") for s in ("train", "dev", "test")}
     n_rat = attach_rationales(data["dev"], args.data / "dev.rationales.jsonl")
     feats: dict = {}
-    if any(r != "text" for r in args.rows):
+    if any(r != "text" for r in args.rows + args.ensemble):
         t = time.perf_counter()
         feats = image_features(data["train"] + data["dev"] + data["test"], args.data / "images", ImageEncoder(),
                                WORK / "twitter2015_image_features.safetensors")
@@ -166,18 +168,53 @@ def main() -> None:
             "epoch_seconds_median": statistics.median(s for r in per_seed for s in r["epoch_seconds"]),
             "single_inference_ms_median": statistics.median(r["single_inference_ms_median"] for r in per_seed),
         }
-        out = {
-            "benchmark": "twitter2015",
-            "command": "python -m benchmarks.twitter2015 [--rows ...] [--seeds ...] [--epochs N] (each row names its own run)",
-            "test_set": f"{len(data['test'])} rows, scored without rationales",
-            "rationales": f"teacher rationales for {n_rat} dev rows (label-conditioned: training signal only)",
-            "backbone": "all-MiniLM-L6-v2 (packaged) + EfficientNet-Lite0 (packaged, frozen)",
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "device": "cuda" if torch.cuda.is_available() else "cpu"},
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "rows": list(rows.values()) + PUBLISHED,
-        }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=2) + "\n")
+        _write(args.out, rows, data, n_rat)
+    for name in args.ensemble:
+        row = ensemble_row(name + args.tag, args.seeds, data, feats, use_image=name != "text")
+        print(json.dumps({k: v for k, v in row.items() if k != "confusion"}), flush=True)
+        rows[row["name"]] = row
+        _write(args.out, rows, data, n_rat)
+
+
+def ensemble_row(name: str, seeds: list[int], data: dict, feats: dict, use_image: bool) -> dict:
+    """The probability average of a row's saved seed models on test (no rationales): what the
+    seeds reach together, at len(seeds) times the inference cost."""
+    from adapters.checkpoint import load_base_model
+    from adapters.train import predict_logits, scores
+
+    test = to_items(data["test"], feats, use_image, False)
+    probs = []
+    for seed in seeds:
+        model = load_base_model(WORK / "models" / f"{name}-seed{seed}")
+        batcher = Batcher(load_tokenizer(model.config.text_model), model.config)
+        probs.append(predict_logits(model, batcher, [t[0] for t in test]).softmax(-1))
+    result = scores([t[1] for t in test], torch.stack(probs).mean(0).argmax(-1).tolist(), len(TOMBERT_LABELS))
+    return {
+        "name": f"{name}_ensemble{len(seeds)}",
+        "accuracy_mean": round(result["accuracy"], 2),
+        "macro_f1_mean": round(result["macro_f1"], 2),
+        "ensemble_of": [f"{name}-seed{s}" for s in seeds],
+        "confusion": result["confusion"],
+        "command": f"python -m benchmarks.twitter2015 --rows --ensemble {name} --seeds {' '.join(map(str, seeds))}",
+        "note": f"probability average of {len(seeds)} seed models: {len(seeds)}x the inference cost of one",
+    }
+
+
+def _write(out_path: Path, rows: dict, data: dict, n_rat: int) -> None:
+    out = {
+        "benchmark": "twitter2015",
+        "command": "python -m benchmarks.twitter2015 [--rows ...] [--seeds ...] [--epochs N] (each row names its own run)",
+        "test_set": f"{len(data['test'])} rows, scored without rationales",
+        "rationales": f"teacher rationales for {n_rat} dev rows (label-conditioned: training signal only)",
+        "backbone": "all-MiniLM-L6-v2 (packaged) + EfficientNet-Lite0 (packaged, frozen)",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "device": "cuda" if torch.cuda.is_available() else "cpu"},
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "rows": list(rows.values()) + PUBLISHED,
+    }
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=2) + "\n")
+    tmp.replace(out_path)
 
 
 if __name__ == "__main__":

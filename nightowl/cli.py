@@ -278,19 +278,23 @@ def train_base(
     select: Annotated[Optional[Path], typer.Option(help="Model-selection TSV (best epoch by macro-F1).")] = None,
     images: Annotated[Optional[Path], typer.Option(help="Image folder for both TSVs.")] = None,
     rationales: Annotated[Optional[Path], typer.Option(help="Rationale JSONL joined on (image_id, aspect): training signal only.")] = None,
+    labels: Annotated[str, typer.Option(help="Names of label ids 0, 1, ... (comma-separated).")] = "negative,neutral,positive",
     epochs: int = 4,
     seed: int = 0,
 ) -> None:
     """Train the shared base model on a labelled dataset and save it with its config."""
     from adapters.config import FusionConfig
-    from adapters.data import TOMBERT_LABELS, DatasetError, attach_rationales, image_features, read_tombert_tsv
+    from adapters.data import DatasetError, attach_rationales, image_features, read_tombert_tsv
     from adapters.encoders import ImageEncoder
     from adapters.inputs import ModelInput
     from adapters.train import TrainRecipe, train_base_model
 
+    names = [x.strip() for x in labels.split(",")]
+    if len(names) < 2 or len(set(names)) != len(names) or not all(names):
+        raise NightowlError("--labels needs at least two distinct, non-empty names")
     try:
-        train_rows = read_tombert_tsv(train)
-        select_rows = read_tombert_tsv(select) if select else None
+        train_rows = read_tombert_tsv(train, n_labels=len(names))
+        select_rows = read_tombert_tsv(select, n_labels=len(names)) if select else None
     except DatasetError as exc:
         raise NightowlError(str(exc)) from None
     if rationales:
@@ -301,7 +305,7 @@ def train_base(
         return [(ModelInput(r.text, r.aspect, None, feats[r.image_id].float() if r.image_id in feats else None,
                             r.rationale if with_rationale else None), r.label) for r in rows]
 
-    config = FusionConfig(labels=TOMBERT_LABELS)
+    config = FusionConfig(labels=names)
     config.training = {"train": str(train), "select": str(select) if select else None, "images": bool(images),
                        "rationales": str(rationales) if rationales else None}
     _, report = train_base_model(items(train_rows, True), items(select_rows, False) if select_rows else None,

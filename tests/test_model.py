@@ -106,7 +106,10 @@ def test_training_learns_and_saves_small(tmp_path, image_encoder):
     saved = tmp_path / "bm"
     assert {p.name for p in saved.iterdir()} == {"nightowl_config.json", "encoder_lora", "fusion.safetensors"}
     assert sum(f.stat().st_size for f in saved.rglob("*") if f.is_file()) < 20_000_000
-    assert json.loads((saved / "nightowl_config.json").read_text())["training"]["recipe"]["epochs"] == 3
+    training = json.loads((saved / "nightowl_config.json").read_text())["training"]
+    assert training["recipe"]["epochs"] == 3
+    prior = training["label_prior"]  # what per-user prior corrections are measured against
+    assert len(prior) == 3 and abs(sum(prior) - 1) < 1e-4
     reloaded = load_base_model(saved)
     batcher = Batcher(load_tokenizer("packaged"), config)
     with torch.inference_mode():
@@ -132,3 +135,24 @@ def test_fresh_model_builds_from_packaged_encoder():
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     assert trainable < total / 3  # the encoder itself stays frozen: only its LoRA trains
+
+
+def test_aspect_tokens_are_marked_and_read(predictor, base):
+    tok = predictor.tokenizer
+    items = [
+        ModelInput("$T$ was great but $T$ was awful", "the movie"),  # both mentions
+        ModelInput("the movie was great", "The Movie"),  # no $T$: its mentions, any case
+        ModelInput("loved it", "pizza"),  # never named: the aspect segment
+        ModelInput("no aspect here", None, "a post it replies to"),  # none: the model reads [CLS]
+    ]
+    batch = predictor.batcher(items)
+    marked = [tok.convert_ids_to_tokens(ids[m]) for ids, m in zip(batch["input_ids"], batch["target_mask"])]
+    assert marked[0] == ["the", "movie", "the", "movie"]
+    assert marked[1] == ["the", "movie"]
+    assert marked[2] == ["pizza"] and batch["token_type_ids"][2][batch["target_mask"][2]].tolist() == [1]
+    assert marked[3] == []
+    # Two aspects of one post: the head sees different aspect tokens, so the answers can differ.
+    pair = predictor.batcher([ModelInput("$T$ beat the Jets tonight", "Patriots"), ModelInput("Patriots beat $T$ tonight", "the Jets")])
+    with torch.inference_mode():
+        a, b = base(**pair)
+    assert not torch.allclose(a, b, atol=1e-4)
