@@ -84,16 +84,17 @@ class PersonalKit:
         prior = (self.predictor.config.training or {}).get("label_prior")
         return list(prior) if prior and len(prior) == len(self.labels) else None
 
-    def prior_adjustment(self, examples: list[Example], strength: float) -> list[float] | None:
+    def prior_adjustment(self, labels: list[str], strength: float) -> list[float] | None:
         """log(user prior / base prior) per label: users differ most in how often they use each
-        label (MultiPICo's annotators call 3% to 68% of posts ironic). The user's prior is their
-        label counts smoothed towards the base prior by `strength` pseudo-counts, so a few labels
-        move it a little and many move it far. Added to the logits, it is the Bayes correction for
-        a shift in label prior (Saerens et al., 2002)."""
+        label (MultiPICo's annotators call 3% to 68% of posts ironic). The user's prior is the
+        frequency of each label among `labels` (what the user says their posts are), smoothed
+        towards the base prior by `strength` pseudo-counts, so a few labels move it a little and
+        many move it far. Added to the logits, it is the Bayes correction for a shift in label
+        prior (Saerens et al., 2002)."""
         base = self.base_prior
-        if base is None or not examples:
+        if base is None or not labels:
             return None
-        counts = [sum(e.label == label for e in examples) for label in self.labels]
+        counts = [labels.count(label) for label in self.labels]
         n = sum(counts)
         base = [max(p, 1e-3) for p in base]
         return [math.log((c + strength * p) / (n + strength) / p) for c, p in zip(counts, base)]

@@ -31,7 +31,7 @@ from continual.experiences import ExampleTable, FaissReplayBuffer, IndexedModel,
 from continual.night import UserJob, UserResult
 from memory.db import session_scope
 from memory.models import AdapterStatus, AdapterVersion, RunStatus, TrainingRun, utcnow
-from memory.replay import Example, user_examples
+from memory.replay import Example, served_labels_not_corrected, user_examples
 from nightowl.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,7 @@ def update_user(rt: Runtime, job: UserJob, config: UpdateConfig | None = None) -
         current_dir = rt.settings.adapters_dir / current.path if current else None
         trained_through = current.trained_through_feedback_id if current else 0
         examples = user_examples(s, job.user_id, through_feedback_id=job.cutoff_feedback_id)
+        uncorrected = served_labels_not_corrected(s, job.user_id, job.cutoff_time, job.cutoff_feedback_id)
         history = user_experiences(s, job.user_id)
         run = TrainingRun(user_id=job.user_id, night_id=job.night_id, cutoff=job.cutoff_time)
         s.add(run)
@@ -117,12 +118,14 @@ def update_user(rt: Runtime, job: UserJob, config: UpdateConfig | None = None) -
     eval_sets = [table.dataset(exs, kit.labels) for _, exs in earlier] + [train_ds]
 
     # The user's prior correction: taken out of the current adapter's head, re-estimated from
-    # every label the user gave up to tonight's cutoff (held-back ones excepted), used as a fixed
-    # offset while training and folded back into the head once trained.
+    # the user's posts up to tonight's cutoff (the labels they gave, held-back ones excepted, and
+    # the answers they let stand), used as a fixed offset while training and folded back into
+    # the head once trained.
     previous_adjustment = (current.metrics or {}).get("logit_adjustment") if current else None
     adjustment = None
     if config.prior_strength > 0:
-        adjustment = kit.prior_adjustment([e for e in examples if e not in holdout], config.prior_strength)
+        given = [e.label for e in examples if e not in holdout]
+        adjustment = kit.prior_adjustment(given + [x for x in uncorrected if x in kit.labels], config.prior_strength)
     peft_model = kit.trainable(current_dir)
     kit.shift_head_bias(peft_model, previous_adjustment, sign=-1.0)
     model = IndexedModel(peft_model, table, kit, adjustment)

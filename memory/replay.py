@@ -20,13 +20,14 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 from sqlmodel import Session, col, select
 
-from memory.models import Feedback, Post, Rationale
+from memory.models import Feedback, Post, Prediction, Rationale
 from memory.vector_index import VectorIndex
 
 
@@ -70,6 +71,21 @@ def user_examples(session: Session, user_id: str, through_feedback_id: int | Non
             rationale=rationales.get(post.id),
         )
     return sorted(latest.values(), key=lambda e: e.id)
+
+
+def served_labels_not_corrected(session: Session, user_id: str, cutoff: datetime, through_feedback_id: int) -> list[str]:
+    """The answers the user was served, for their posts up to `cutoff` that got no feedback up
+    to `through_feedback_id`. Feedback is mostly correction, so the labels a user gives are not a
+    fair sample of their posts; served answers they let stand are the rest of the picture."""
+    corrected = select(Feedback.post_id).where(Feedback.user_id == user_id, Feedback.id <= through_feedback_id)
+    rows = session.exec(
+        select(Prediction.post_id, Prediction.label)
+        .join(Post, Post.id == Prediction.post_id)
+        .where(Post.user_id == user_id, Post.created_at <= cutoff, col(Post.id).not_in(corrected))
+        .order_by(col(Prediction.id))
+    )
+    latest = {post_id: label for post_id, label in rows}  # a post's latest answer wins
+    return list(latest.values())
 
 
 @dataclass

@@ -164,6 +164,22 @@ def test_prior_correction_is_folded_into_the_head_once(tmp_path, predictor):
     rt.close()
 
 
+def test_prior_counts_the_answers_a_user_let_stand(tmp_path, predictor):
+    """Feedback is mostly correction: posts the user never corrected count with the answer served."""
+    rt = Runtime(make_settings(tmp_path / "home"), predictor=predictor)
+    rt.update_config = UpdateConfig(epochs=1, lr=0.0, n_global=0, min_new_for_holdout=100)
+    interactions.create_user(rt, "mild")
+    served = [interactions.log_post(rt, "mild", t).prediction.label for t in SARCASTIC_TEST + ["The museum is open until six"]]
+    _teach(rt, "mild", SARCASTIC_TRAIN[:4], "negative")
+    assert run_night(rt).counts() == {"promoted": 1}
+    _, adj = _head_bias(rt, "mild")
+    prior = predictor.config.training["label_prior"]
+    labels = served + ["negative"] * 4
+    expected = [math.log((labels.count(lab) + 5 * p) / (len(labels) + 5) / p) for lab, p in zip(rt.labels, prior)]
+    assert adj == pytest.approx(expected)
+    rt.close()
+
+
 def test_rollback_and_failure_isolation(night_rt):
     rt = night_rt
     for u in ("a1", "a2"):
