@@ -17,6 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 
+def _mb(v) -> str:
+    return "–" if v is None else f"{v / 1024:.1f} GB"
+
+
 def _fmt(v, digits: int = 2) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
@@ -24,25 +28,25 @@ def _fmt(v, digits: int = 2) -> str:
 def twitter2015_table(path: Path = RESULTS / "twitter2015.json") -> str:
     data = json.loads(path.read_text())
     lines = [
-        "| row | accuracy | macro-F1 | seeds (acc / F1) | s per epoch | ms per post | trained on, selected on |",
-        "|---|---|---|---|---|---|---|",
+        "| row | accuracy | macro-F1 | seeds (acc / F1) | s per epoch | ms per post | peak RSS | trained on, selected on |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in data["rows"]:
         if r.get("reference"):
-            lines.append(f"| {r['name']} | {r['accuracy_mean']:.2f} | {r['macro_f1_mean']:.2f} | | | | published |")
+            lines.append(f"| {r['name']} | {r['accuracy_mean']:.2f} | {r['macro_f1_mean']:.2f} | | | | | published |")
             continue
         if r.get("ensemble_of"):
             lines.append(f"| {r['name']} | {r['accuracy_mean']:.2f} | {r['macro_f1_mean']:.2f} | "
-                         f"average of {len(r['ensemble_of'])} seed models | | | {r['note']} |")
+                         f"average of {len(r['ensemble_of'])} seed models | | | | {r['note']} |")
             continue
         seeds = ", ".join(f"{s['accuracy']:.1f} / {s['macro_f1']:.1f}" for s in r["per_seed"])
         where = r["per_seed"][0].get("selection", "dev")
-        trained = "train + dev" if "dev (with rationales) joins" in where else "train"
+        trained = "train + dev" if "dev joins" in where or "dev (with rationales) joins" in where else "train"
         selected = "15% slice of train" if trained == "train + dev" else "dev"
         lines.append(
             f"| {r['name']} | {r['accuracy_mean']:.2f} ± {r['accuracy_std']:.2f} | {r['macro_f1_mean']:.2f} ± "
             f"{r['macro_f1_std']:.2f} | {seeds} | {r['epoch_seconds_median']:.0f} | "
-            f"{r['single_inference_ms_median']:.1f} | {trained}, {selected} |"
+            f"{r['single_inference_ms_median']:.1f} | {_mb(r.get('peak_rss_mb'))} | {trained}, {selected} |"
         )
     return "\n".join(lines)
 
