@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from dataclasses import dataclass
 
@@ -21,10 +22,6 @@ class ModelInput:
     rationale: str | None = None
 
 
-def post_text(text: str, aspect: str | None) -> str:
-    return post_text_and_spans(text, aspect)[0]
-
-
 def post_text_and_spans(text: str, aspect: str | None) -> tuple[str, list[tuple[int, int]]]:
     """The post with `$T$` replaced by the aspect, and the character spans where the aspect
     stands in it (every `$T$`; without one, the aspect's own mentions, case-insensitive)."""
@@ -41,12 +38,9 @@ def post_text_and_spans(text: str, aspect: str | None) -> tuple[str, list[tuple[
     joined = "".join(out)
     if not aspect:
         return joined, []
-    if not spans:
-        low, needle = joined.lower(), aspect.lower()
-        start = low.find(needle)
-        while start >= 0:
-            spans.append((start, start + len(needle)))
-            start = low.find(needle, start + len(needle))
+    if not spans:  # whole mentions only: "Jets" is not in "Jetson" (and no case-folding of the text, which can shift offsets)
+        pattern = r"(?<!\w)" + re.escape(aspect) + r"(?!\w)"
+        spans = [m.span() for m in re.finditer(pattern, joined, re.IGNORECASE)]
     return joined, spans
 
 

@@ -74,9 +74,6 @@ class PersonalKit:
         s = scores([self.labels.index(e.label) for e in examples], pred, len(self.labels))
         return {"accuracy": s["accuracy"] / 100, "macro_f1": s["macro_f1"] / 100}
 
-    def accuracy(self, model: torch.nn.Module, examples: list[Example]) -> float:
-        return self.scores(model, examples)["accuracy"]
-
     # -- the user's label prior (label-shift correction) ----------------------------------------
     @property
     def base_prior(self) -> list[float] | None:

@@ -59,6 +59,7 @@ class Predictor:
         self.adapters = AdapterCache(self.model, user_lora_config(self.config), settings.adapter_cache_size)
         self._image_lock = threading.Lock()
         self._image_encoder: ImageEncoder | None = None
+        self._broken_logged: set[str] = set()
 
     @property
     def labels(self) -> list[str]:
@@ -100,7 +101,10 @@ class Predictor:
             except AdapterUnavailable:
                 # A broken adapter must not take the user's posts down: the base answers, and
                 # the answer says so (adapter_version null).
-                log.exception("user adapter v%s unavailable; serving the base model", adapter.version if adapter else None)
+                folder = str(adapter.folder) if adapter else ""
+                if folder not in self._broken_logged:  # once per adapter, not once per request
+                    self._broken_logged.add(folder)
+                    log.exception("user adapter v%s unavailable; serving the base model", adapter.version if adapter else None)
                 adapter = None
                 with self.adapters.model_for(None) as model:
                     probs = model(**batch).float().softmax(-1).cpu()

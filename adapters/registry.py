@@ -44,6 +44,13 @@ def active(session: Session, user_id: str) -> AdapterVersion | None:
     ).first()
 
 
+def built_on(row: AdapterVersion, base_model_id: str) -> bool:
+    """Whether an adapter was trained over this base model (adapters from before the base was
+    recorded are taken as fitting). LoRA deltas over another base would serve nonsense."""
+    recorded = (row.metrics or {}).get("base_model")
+    return recorded is None or recorded == base_model_id
+
+
 def versions(session: Session, user_id: str) -> list[AdapterVersion]:
     return list(
         session.exec(select(AdapterVersion).where(AdapterVersion.user_id == user_id).order_by(col(AdapterVersion.version)))

@@ -77,18 +77,19 @@ class AdapterCache:
             raise AdapterUnavailable(f"adapter {folder}: {exc}") from exc
         return f"{folder}@{st.st_mtime_ns}:{st.st_size}:{st.st_ino}"
 
-    def _weights_for(self, folder: Path) -> dict[str, torch.Tensor]:
+    def _weights_for(self, folder: Path) -> tuple[str, dict[str, torch.Tensor]]:
+        """The folder's cache key and LoRA tensors (one stat per request: the key names both)."""
         key = self._key(folder)
         if key in self._weights:
             self._weights.move_to_end(key)
-            return self._weights[key]
+            return key, self._weights[key]
         weights = self._read(folder)
         self._weights[key] = weights
         while len(self._weights) > self.capacity:
             old, _ = self._weights.popitem(last=False)
             if old == self._in_slot:
                 self._in_slot = None
-        return weights
+        return key, weights
 
     @contextmanager
     def model_for(self, adapter_folder: Path | None) -> Iterator[torch.nn.Module]:
@@ -98,13 +99,18 @@ class AdapterCache:
                 with self.peft.disable_adapter():
                     yield self.peft
                 return
-            weights = self._weights_for(adapter_folder)
-            key = self._key(adapter_folder)
+            key, weights = self._weights_for(adapter_folder)
             if self._in_slot != key:
-                result = set_peft_model_state_dict(self.peft, weights, adapter_name=SLOT)
+                # A failed copy may have written part of the slot: mark it empty before trying.
+                self._in_slot = None
+                try:
+                    result = set_peft_model_state_dict(self.peft, weights, adapter_name=SLOT)
+                except Exception as exc:  # wrong tensor shapes, dtype, ...: the slot is unusable
+                    self._weights.pop(key, None)
+                    raise AdapterUnavailable(f"adapter {adapter_folder}: {type(exc).__name__}: {exc}") from exc
                 unexpected = getattr(result, "unexpected_keys", [])
                 if unexpected:
-                    self._in_slot = None
+                    self._weights.pop(key, None)
                     raise AdapterUnavailable(f"adapter {adapter_folder} has weights the slot doesn't: {unexpected[:3]}")
                 self._in_slot = key
             yield self.peft

@@ -43,9 +43,12 @@ def twitter2015_table(path: Path = RESULTS / "twitter2015.json") -> str:
         where = r["per_seed"][0].get("selection", "dev")
         trained = "train + dev" if "dev joins" in where or "dev (with rationales) joins" in where else "train"
         selected = "15% slice of train" if trained == "train + dev" else "dev"
+        def spread(key: str) -> str:  # one seed has no spread to show
+            return f" ± {r[key]:.2f}" if len(r["per_seed"]) > 1 else " (1 seed)"
+
         lines.append(
-            f"| {r['name']} | {r['accuracy_mean']:.2f} ± {r['accuracy_std']:.2f} | {r['macro_f1_mean']:.2f} ± "
-            f"{r['macro_f1_std']:.2f} | {seeds} | {r['epoch_seconds_median']:.0f} | "
+            f"| {r['name']} | {r['accuracy_mean']:.2f}{spread('accuracy_std')} | {r['macro_f1_mean']:.2f}"
+            f"{spread('macro_f1_std')} | {seeds} | {r['epoch_seconds_median']:.0f} | "
             f"{r['single_inference_ms_median']:.1f} | {_mb(r.get('peak_rss_mb'))} | {trained}, {selected} |"
         )
     return "\n".join(lines)

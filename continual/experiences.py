@@ -8,6 +8,8 @@ loaders, EWC, LwF, metrics) working unchanged on a multimodal model.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from avalanche.benchmarks.utils.classification_dataset import _make_taskaware_tensor_classification_dataset
 from avalanche.training.storage_policy import ExemplarsBuffer
@@ -33,7 +35,7 @@ class ExampleTable:
         y = torch.tensor([labels.index(e.label) for e in examples], dtype=torch.long)
         return _make_taskaware_tensor_classification_dataset(x, y, task_labels=0, targets=y)
 
-    def __deepcopy__(self, memo):  # LwF copies the model; the table is shared, read-only data
+    def __deepcopy__(self, memo):  # the table is shared, read-only data
         return self
 
 
@@ -47,6 +49,11 @@ class IndexedModel(torch.nn.Module):
         self.table = table
         self.kit = kit
         self.register_buffer("logit_offset", torch.tensor(logit_offset or [0.0] * len(kit.labels)), persistent=False)
+
+    def frozen_copy(self) -> "IndexedModel":
+        """A fixed copy of the classifier as it is now (LwF's teacher); table and kit are shared."""
+        inner = copy.deepcopy(self.inner).eval().requires_grad_(False)
+        return IndexedModel(inner, self.table, self.kit, self.logit_offset.tolist()).eval()
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         examples = [self.table[i] for i in idx.tolist()]

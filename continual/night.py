@@ -135,7 +135,7 @@ def _holder_is_dead(holder: str) -> bool:
     except PermissionError:
         return False
     # the pid is alive, but is it still the holder, or a new process that reused the pid?
-    return bool(started) and _process_start(int(pid)) not in ("", started)
+    return started.isdigit() and _process_start(int(pid)) not in ("", started)
 
 
 def release_lease(rt: Runtime, holder: str) -> None:

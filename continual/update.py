@@ -1,15 +1,19 @@
 """One user's nightly update: train a candidate LoRA adapter with avalanche-lib, gate it, promote it.
 
 Steps (each a short transaction, so a kill at any point leaves the active adapter as it was):
-1. the user's examples up to the night's cutoff; "new" = feedback after the active adapter's;
-2. sync the user's FAISS memory with the store and select replay for the new examples;
-3. a held-back slice of the new feedback is kept out of training for the gate;
-4. avalanche: a Naive strategy over the user's experiences (one per promoted night), with a
-   ReplayPlugin whose buffer is the FAISS selection (and optional EWC / LwF), evaluated on all
-   earlier experiences for accuracy, forgetting and BWT;
-5. the candidate's files are written (PEFT layout) and registered as a candidate;
-6. gate: candidate vs active on held-back + replay; promoted only if not worse, else rejected
-   with the reason.
+1. the user's examples up to the night's cutoff; "new" = feedback after the active adapter's
+   (all of it when the active adapter was trained over another base model);
+2. a held-back slice of the new feedback is kept out of training (and out of replay) for the gate;
+3. sync the user's FAISS memory with the store and select replay for the new examples;
+4. the user's label prior is re-estimated and used as a fixed logit offset (last night's is
+   taken out of the head first);
+5. avalanche: a Naive strategy trains on tonight's experience with a ReplayPlugin whose buffer
+   is the FAISS selection (and optional EWC / LwF anchored at the starting model), then is
+   evaluated on every earlier experience (one per promoted night) for accuracy, forgetting, BWT;
+   the offset is folded into the head's bias;
+6. the candidate's files are written (PEFT layout) and registered as a candidate;
+7. gate: candidate vs active on held-back + replay by macro-F1; promoted only if not worse,
+   else rejected with the reason.
 """
 
 from __future__ import annotations
@@ -17,55 +21,25 @@ from __future__ import annotations
 import logging
 import time
 import zlib
-from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
 from avalanche.evaluation.metrics import BWT, Forgetting, accuracy_metrics, loss_metrics
-from avalanche.training.plugins import EvaluationPlugin, EWCPlugin, LwFPlugin, ReplayPlugin
+from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
 from avalanche.training.supervised import Naive
 from sqlmodel import col, select
 
 from adapters import registry
+from continual.config import UpdateConfig
 from continual.experiences import ExampleTable, FaissReplayBuffer, IndexedModel, user_experiences
 from continual.night import UserJob, UserResult
+from continual.regularizers import AnchoredEWC, anchored_lwf
 from memory.db import session_scope
 from memory.models import AdapterStatus, AdapterVersion, RunStatus, TrainingRun, utcnow
 from memory.replay import Example, served_labels_not_corrected, user_examples
 from nightowl.runtime import Runtime
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class UpdateConfig:
-    epochs: int = 6
-    batch_size: int = 16
-    lr: float = 1e-3
-    holdout_fraction: float = 0.2
-    min_new_for_holdout: int = 5
-    neighbours_per_new: int = 2
-    random_ratio: float = 0.5
-    n_global: int = 16
-    ewc_lambda: float = 0.0  # > 0 adds avalanche's EWC plugin
-    lwf_alpha: float = 0.0  # > 0 adds avalanche's LwF plugin
-    replay: str = "faiss"  # "faiss" | "random" | "none" (the last two are for the benchmark's ablations)
-    # The user's label prior vs the base model's, added to the logits (see PersonalKit.prior_adjustment);
-    # strength = pseudo-counts of the base prior. <= 0 turns the correction off.
-    prior_strength: float = 5.0
-    gate_metric: str = "macro_f1"  # "macro_f1" | "accuracy": what "not worse" means at the gate
-    extra: dict = field(default_factory=dict)
-
-    @classmethod
-    def from_overrides(cls, overrides: dict) -> "UpdateConfig":
-        """Defaults, with settings.update's values on top (a typo is an error, not a no-op)."""
-        unknown = set(overrides) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown nightly update settings {sorted(unknown)}; known: {[f.name for f in fields(cls)]}")
-        config = cls(**overrides)
-        if config.replay not in ("faiss", "random", "none") or config.gate_metric not in ("macro_f1", "accuracy"):
-            raise ValueError("update.replay must be faiss|random|none and update.gate_metric macro_f1|accuracy")
-        return config
 
 
 def _seed_for(job: UserJob) -> int:
@@ -81,8 +55,10 @@ def update_user(rt: Runtime, job: UserJob, config: UpdateConfig | None = None) -
 
     with session_scope(rt.engine) as s:
         current = registry.active(s, job.user_id)
-        current_dir = rt.settings.adapters_dir / current.path if current else None
-        trained_through = current.trained_through_feedback_id if current else 0
+        # An adapter trained over another base model is no start: train afresh on all feedback.
+        start = current if current and registry.built_on(current, kit.encoder_id) else None
+        current_dir = rt.settings.adapters_dir / start.path if start else None
+        trained_through = start.trained_through_feedback_id if start else 0
         examples = user_examples(s, job.user_id, through_feedback_id=job.cutoff_feedback_id)
         uncorrected = served_labels_not_corrected(s, job.user_id, job.cutoff_time, job.cutoff_feedback_id)
         history = user_experiences(s, job.user_id)
@@ -121,7 +97,7 @@ def update_user(rt: Runtime, job: UserJob, config: UpdateConfig | None = None) -
     # the user's posts up to tonight's cutoff (the labels they gave, held-back ones excepted, and
     # the answers they let stand), used as a fixed offset while training and folded back into
     # the head once trained.
-    previous_adjustment = (current.metrics or {}).get("logit_adjustment") if current else None
+    previous_adjustment = (start.metrics or {}).get("logit_adjustment") if start else None
     adjustment = None
     if config.prior_strength > 0:
         given = [e.label for e in examples if e not in holdout]
@@ -131,14 +107,15 @@ def update_user(rt: Runtime, job: UserJob, config: UpdateConfig | None = None) -
     model = IndexedModel(peft_model, table, kit, adjustment)
     plugins = []
     if replay:
-        buffer = FaissReplayBuffer(table.dataset(replay, kit.labels))
+        replay_ds = table.dataset(replay, kit.labels)
+        buffer = FaissReplayBuffer(replay_ds)
         plugins.append(
             ReplayPlugin(mem_size=buffer.max_size, batch_size=config.batch_size, batch_size_mem=config.batch_size, storage_policy=buffer)
         )
-    if config.ewc_lambda > 0:
-        plugins.append(EWCPlugin(ewc_lambda=config.ewc_lambda))
+        if config.ewc_lambda > 0:  # importances need older examples: the replay selection
+            plugins.append(AnchoredEWC(config.ewc_lambda, model, replay_ds, kit.device, config.batch_size))
     if config.lwf_alpha > 0:
-        plugins.append(LwFPlugin(alpha=config.lwf_alpha, temperature=2.0))
+        plugins.append(anchored_lwf(model, config.lwf_alpha))
     evaluator = EvaluationPlugin(accuracy_metrics(experience=True, stream=True), loss_metrics(stream=True), loggers=[])
     params = [p for p in model.parameters() if p.requires_grad]
     strategy = Naive(
@@ -188,6 +165,7 @@ def update_user(rt: Runtime, job: UserJob, config: UpdateConfig | None = None) -
         "forgetting_mean": float(np.mean(list(f_values.values()))) if f_values else None,
         "bwt_mean": float(np.mean(list(b_values.values()))) if b_values else None,
         "logit_adjustment": adjustment,
+        "base_model": kit.encoder_id,  # the base it was trained over (registry.built_on)
         "train_seconds": round(time.perf_counter() - t0, 2),
     }
     with session_scope(rt.engine) as s:
@@ -212,7 +190,7 @@ def update_user(rt: Runtime, job: UserJob, config: UpdateConfig | None = None) -
     promoted = cand[metric] >= active[metric]
     reason = (
         f"gate on {len(gate_set)} examples ({gate_kind}), {metric}: candidate {cand[metric]:.3f} vs "
-        f"{'active v' + str(current.version) if current else 'base'} {active[metric]:.3f}"
+        f"{'active v' + str(start.version) if start else 'base'} {active[metric]:.3f}"
     )
     metrics.update({"gate_metric": metric, "gate_size": len(gate_set),
                     **{f"gate_candidate_{k}": v for k, v in cand.items()},

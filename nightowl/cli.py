@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 from pydantic import BaseModel
 
-from nightowl.errors import NightowlError
+from nightowl.errors import InvalidInput, NightowlError
 
 app = typer.Typer(
     name="nightowl",
@@ -31,10 +31,17 @@ app.add_typer(bench_app, name="bench")
 
 
 def _runtime():
+    from pydantic import ValidationError
+
     from nightowl.runtime import Runtime
     from nightowl.settings import Settings
 
-    return Runtime(Settings())
+    try:
+        settings = Settings()
+    except ValidationError as exc:  # a bad NIGHTOWL_* variable or TOML value: say which, no traceback
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise InvalidInput(f"configuration: {problems}") from None
+    return Runtime(settings)
 
 
 def _emit(obj: BaseModel | dict) -> None:
@@ -57,6 +64,7 @@ def cli_errors(fn):
 
 
 @app.command()
+@cli_errors
 def serve(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,

@@ -66,7 +66,7 @@ class Runtime:
 
     @cached_property
     def update_config(self):
-        from continual.update import UpdateConfig
+        from continual.config import UpdateConfig
 
         return UpdateConfig.from_overrides(self.settings.update)
 
@@ -78,7 +78,9 @@ class Runtime:
 
         with session_scope(self.engine) as s:
             row = registry.active(s, user_id)
-            return AdapterRef(row.version, self.settings.adapters_dir / row.path) if row else None
+            if row is None or not registry.built_on(row, self.predictor.encoder_id):
+                return None  # no adapter, or one over another base model: the base answers
+            return AdapterRef(row.version, self.settings.adapters_dir / row.path)
 
     def forget_user(self, user_id: str) -> None:
         """Drop a deleted user's cached adapters and replay memory."""

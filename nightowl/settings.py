@@ -103,6 +103,14 @@ class Settings(BaseSettings):
             raise ValueError("labels must be at least two distinct, non-empty names")
         return v
 
+    @field_validator("update")
+    @classmethod
+    def _update_overrides(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from continual.config import UpdateConfig  # light: no torch
+
+        UpdateConfig.from_overrides(v)  # a typo or a bad value fails at start, not at 02:30
+        return v
+
     @field_validator("nightly_time")
     @classmethod
     def _hhmm(cls, v: str) -> str:

@@ -59,3 +59,22 @@ def test_cli_bad_input(cli, args, code, message):
     assert r.exit_code == code, r.output
     assert message in r.stderr
     assert "Traceback" not in r.output
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ('{"epoch": 3}', "unknown nightly update settings ['epoch']"),
+        ('{"epochs": "many"}', "epochs must be an integer"),
+        ('{"replay": "fais"}', "replay must be one of"),
+        ('{"holdout_fraction": 1.5}', "holdout_fraction must be in [0, 1)"),
+    ],
+)
+def test_cli_bad_configuration_is_a_message(cli, monkeypatch, env, message):
+    """A bad [update] value stops every command (serve included) at start, not the night at 02:30."""
+    monkeypatch.setenv("NIGHTOWL_UPDATE", env)
+    for args in (("health",), ("serve", "--port", "1")):
+        r = cli(*args)
+        assert r.exit_code == 2, r.output
+        assert "error: configuration: update" in r.output and message in r.output
+        assert "Traceback" not in r.output

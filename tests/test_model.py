@@ -155,4 +155,10 @@ def test_aspect_tokens_are_marked_and_read(predictor, base):
     pair = predictor.batcher([ModelInput("$T$ beat the Jets tonight", "Patriots"), ModelInput("Patriots beat $T$ tonight", "the Jets")])
     with torch.inference_mode():
         a, b = base(**pair)
+        unpooled = base(**{**pair, "target_mask": torch.zeros_like(pair["target_mask"])})
     assert not torch.allclose(a, b, atol=1e-4)
+    # ... and the aspect's own tokens are what the head reads (not just the aspect segment).
+    assert not torch.allclose(a, unpooled[0], atol=1e-4) and not torch.allclose(b, unpooled[1], atol=1e-4)
+    # Whole mentions only.
+    jets = predictor.batcher([ModelInput("Jetson fans love the Jets", "jets")])
+    assert tok.convert_ids_to_tokens(jets["input_ids"][0][jets["target_mask"][0]]) == ["jets"]

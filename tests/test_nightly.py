@@ -17,7 +17,7 @@ from sqlmodel import Session, func, select
 
 from adapters import registry
 from continual.night import run_night
-from continual.update import UpdateConfig
+from continual.config import UpdateConfig
 from memory.models import AdapterStatus, AdapterVersion, Feedback, RunStatus, TrainingRun
 from nightowl import interactions
 from nightowl.errors import InvalidInput
@@ -128,6 +128,86 @@ def test_adapter_loads_with_plain_peft_and_matches_server(night_rt, tmp_path):
         probs = rt.predictor.probabilities_with(plain, text, None, None)
     for label, p in served.probabilities.items():
         assert p == pytest.approx(probs[label], abs=1e-4)
+
+
+def test_broken_or_foreign_adapter_serves_the_base(night_rt):
+    """An adapter whose tensors don't fit the slot, or one trained over another base model, must
+    not take a user's posts down: the base answers and says so; the next night starts afresh."""
+    from safetensors.torch import load_file, save_file
+
+    rt = night_rt
+    rt.update_config = UpdateConfig(epochs=1, n_global=0, min_new_for_holdout=100)
+    for user in ("bent", "moved"):
+        interactions.create_user(rt, user)
+        _teach(rt, user, SARCASTIC_TRAIN[:4], "negative")
+    assert run_night(rt).counts() == {"promoted": 2}
+    text = SARCASTIC_TEST[0]
+    assert interactions.log_post(rt, "bent", text).prediction.adapter_version == 1
+
+    with Session(rt.engine) as s:
+        path = rt.settings.adapters_dir / registry.active(s, "bent").path / "adapter_model.safetensors"
+    weights = load_file(str(path))
+    name = next(k for k in weights if "lora_A" in k)
+    weights[name] = torch.zeros(1, 1)  # same file layout, wrong shape
+    save_file(weights, str(path))
+    served = interactions.log_post(rt, "bent", text).prediction
+    assert served.adapter_version is None
+    base = rt.predictor.predict(text, None, None)
+    assert served.probabilities == pytest.approx(base.probabilities, abs=1e-5)
+    assert interactions.log_post(rt, "moved", text).prediction.adapter_version == 1  # the slot still works
+
+    with Session(rt.engine) as s:
+        row = registry.active(s, "moved")
+        row.metrics = {**row.metrics, "base_model": "fused-another-base"}
+        s.add(row)
+        s.commit()
+    assert interactions.log_post(rt, "moved", text).prediction.adapter_version is None
+    _teach(rt, "moved", SARCASTIC_TRAIN[4:5], "negative")
+    result = next(r for r in run_night(rt).results if r.user_id == "moved")
+    assert result.metrics["n_new"] == 5  # all of the user's feedback, not just tonight's one
+    assert result.metrics["base_model"] == rt.predictor.encoder_id
+
+
+def test_anchored_ewc_and_lwf_hold_the_model_near_its_start(night_rt):
+    """Both regularizers act within a single night (avalanche's own anchor would come only
+    after a first experience of the same strategy object): the outputs move less."""
+    from avalanche.benchmarks.scenarios.dataset_scenario import benchmark_from_datasets
+    from avalanche.training.plugins import EvaluationPlugin
+    from avalanche.training.supervised import Naive
+
+    from continual.experiences import ExampleTable, IndexedModel
+    from continual.regularizers import AnchoredEWC, anchored_lwf
+    from memory.replay import Example
+
+    kit = night_rt.personal
+    examples = [Example(id=i + 1, text=t, aspect=None, label="negative") for i, t in enumerate(SARCASTIC_TRAIN[:8])]
+    neg = kit.labels.index("negative")
+
+    def output_change(make_plugins) -> float:
+        torch.manual_seed(0)
+        table = ExampleTable()
+        ds = table.dataset(examples, kit.labels)
+        model = IndexedModel(kit.trainable(None), table, kit)
+        idx = torch.arange(len(examples))
+        model.eval()
+        with torch.no_grad():
+            before = model(idx).softmax(-1)[:, neg]
+        plugins = make_plugins(model, ds)
+        params = [p for p in model.parameters() if p.requires_grad]
+        strategy = Naive(model=model, optimizer=torch.optim.AdamW(params, lr=3e-3), criterion=torch.nn.CrossEntropyLoss(),
+                         train_mb_size=4, train_epochs=3, device=kit.device, plugins=plugins,
+                         evaluator=EvaluationPlugin(loggers=[]))
+        strategy.train(benchmark_from_datasets(train=[ds], test=[ds]).train_stream[0])
+        model.eval()
+        with torch.no_grad():
+            after = model(idx).softmax(-1)[:, neg]
+        return float((after - before).abs().mean())
+
+    free = output_change(lambda m, ds: [])
+    ewc = output_change(lambda m, ds: [AnchoredEWC(1e6, m, ds, kit.device, 4)])
+    lwf = output_change(lambda m, ds: [anchored_lwf(m, alpha=50.0)])
+    assert free > 0.1, free
+    assert ewc < 0.6 * free and lwf < 0.6 * free, (free, ewc, lwf)
 
 
 def _head_bias(rt, user):
