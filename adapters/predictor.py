@@ -38,6 +38,16 @@ class Prediction:
     adapter_version: int | None
 
 
+def model_digest(model_dir: Path) -> str:
+    """sha256 over a saved model's config and weights files (names and contents)."""
+    h = hashlib.sha256()
+    for path in sorted(Path(model_dir).rglob("*")):
+        if path.is_file() and path.suffix in (".json", ".safetensors"):
+            h.update(path.relative_to(model_dir).as_posix().encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
 class Predictor:
     def __init__(self, settings, model_dir: Path | None = None):
         self.settings = settings
@@ -77,12 +87,7 @@ class Predictor:
     @cached_property
     def encoder_id(self) -> str:
         """Names this base model's weights: vectors it produced are only comparable with its own."""
-        h = hashlib.sha256()
-        for path in sorted(self.model_dir.rglob("*")):
-            if path.is_file() and path.suffix in (".json", ".safetensors"):
-                h.update(path.relative_to(self.model_dir).as_posix().encode())
-                h.update(path.read_bytes())
-        return f"fused-{h.hexdigest()[:16]}"
+        return f"fused-{model_digest(self.model_dir)[:16]}"
 
     # -- prediction ---------------------------------------------------------------------------
     def _to_prediction(self, probs: torch.Tensor, adapter: AdapterRef | None) -> Prediction:

@@ -34,6 +34,7 @@ from avalanche.evaluation.metrics import BWT, Forgetting
 
 from adapters.config import FusionConfig
 from adapters.inputs import ModelInput
+from adapters.predictor import model_digest
 from adapters.train import TrainRecipe, scores, train_base_model
 from benchmarks.stream import Stream, StreamError, StreamRow, read_stream
 from continual.night import run_night
@@ -246,11 +247,8 @@ def run_joint(stream: Stream, users: list[str], base_dir: Path, cfg: BenchConfig
 def _row_cache(name: str, users: list[str], base_dir: Path, cfg: BenchConfig) -> Path:
     """Keyed by everything a row's numbers depend on: the stream, the users, the base model's
     files (not just its folder name) and the nightly update's settings."""
-    base = hashlib.sha256()
-    for path in sorted(p for p in Path(base_dir).rglob("*") if p.is_file()):
-        base.update(path.relative_to(base_dir).as_posix().encode() + path.read_bytes())
     update = asdict(replace(UpdateConfig(), epochs=cfg.update_epochs))
-    key = hashlib.sha256(json.dumps([name, users, base.hexdigest(), update, cfg.seed, cfg.joint_epochs,
+    key = hashlib.sha256(json.dumps([name, users, model_digest(base_dir), update, cfg.seed, cfg.joint_epochs,
                                      hashlib.sha256(Path(cfg.stream).read_bytes()).hexdigest()]).encode())
     return cfg.work / "rows" / f"{name}-{key.hexdigest()[:12]}.json"
 
