@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 
+import numpy as np
 import torch
 from avalanche.evaluation.metrics import BWT, Forgetting
 
@@ -44,6 +45,8 @@ from nightowl.runtime import Runtime
 from nightowl.settings import LimitSettings, Settings
 
 ROWS = ("base", "lora_no_replay", "lora_random_replay", "nightowl", "joint_annotator_embedding")
+COLORS = {"base": "tab:gray", "lora_no_replay": "tab:blue", "lora_random_replay": "tab:orange", "nightowl": "tab:red",
+          "joint_annotator_embedding": "tab:purple"}  # one colour per row in every plot
 REPLAY_OF_ROW = {"lora_no_replay": "none", "lora_random_replay": "random", "nightowl": "faiss"}
 WORK = Path(__file__).resolve().parent / "work" / "personalize"
 
@@ -320,6 +323,7 @@ def plot(result: dict, out: Path) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rows = {r["name"]: r for r in result["rows"]}
     base = rows.get("base")
@@ -328,13 +332,14 @@ def plot(result: dict, out: Path) -> list[str]:
     if "nightowl" in rows and base:
         for u, curve in rows["nightowl"]["per_user_macro_f1_by_night"].items():
             start = base["per_user_final"][u]["macro_f1"]
-            ax.plot(range(0, len(curve) + 1), [start] + curve, color="tab:blue", alpha=0.15, lw=1)
+            ax.plot(range(0, len(curve) + 1), [start] + curve, color=COLORS["nightowl"], alpha=0.15, lw=1)
     for name, row in rows.items():
         xs = [e["night"] for e in row["per_night"]]
         ys = [e["macro_f1_mean"] for e in row["per_night"]]
         if base and name != "base" and len(xs) > 1:
             xs, ys = [0] + xs, [base["macro_f1_mean"]] + ys
-        ax.plot(xs, ys, marker="o", lw=2.5 if name == "nightowl" else 1.5, label=name)
+        ax.plot(xs, ys, marker="o", lw=2.5 if name == "nightowl" else 1.5, color=COLORS[name], label=name)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # nights are whole
     ax.set_xlabel("night (0 = base model)")
     ax.set_ylabel("macro-F1 on the user's private test set")
     ax.set_title("Per-user learning curves (thin: nightowl, each user; thick: row means)")
@@ -342,10 +347,12 @@ def plot(result: dict, out: Path) -> list[str]:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if base:
-        for name in ("lora_no_replay", "lora_random_replay", "nightowl", "joint_annotator_embedding"):
-            if name in rows:
-                gains = [rows[name]["per_user_final"][u]["macro_f1"] - base["per_user_final"][u]["macro_f1"] for u in result["users"]]
-                ax.hist(gains, bins=15, alpha=0.45, label=name)
+        gains = {name: [rows[name]["per_user_final"][u]["macro_f1"] - base["per_user_final"][u]["macro_f1"] for u in result["users"]]
+                 for name in ("lora_no_replay", "lora_random_replay", "nightowl", "joint_annotator_embedding") if name in rows}
+        if gains:  # shared bins and outlines: overlapping filled bars of four rows are unreadable
+            edges = np.histogram_bin_edges([g for gs in gains.values() for g in gs], bins=20)
+            for name, gs in gains.items():
+                ax.hist(gs, bins=edges, histtype="step", lw=2.5 if name == "nightowl" else 1.5, color=COLORS[name], label=name)
         ax.axvline(0, color="black", lw=1)
     ax.set_xlabel("macro-F1 gain over the base model after the last night (points)")
     ax.set_ylabel("users")
