@@ -5,7 +5,9 @@ data) is added to every token embedding of the shared encoder, like a segment em
 all transformer layers can condition on who is judging. It is trained on all users' feedback
 together (every day at once), starting from the same base model. It sees more data than any
 single-user adapter ever could, which is why it is the reference, not a product path: adding a
-user means retraining everyone's model.
+user means retraining everyone's model. Its loss is class-balanced: the benchmark's headline is
+macro-F1, and with plain cross-entropy a model over all annotators leans to the majority class
+("not ironic"), trading macro-F1 for accuracy (first run: 74.7 accuracy, 55.0 macro-F1).
 """
 
 from __future__ import annotations
@@ -76,6 +78,10 @@ def train_joint(
     rest = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("base.encoder.")]
     opt = torch.optim.AdamW([{"params": enc, "lr": 3e-4}, {"params": rest, "lr": 1e-3}], weight_decay=0.01)
     report = {"epochs": [], "n_train": len(examples), "n_users": n_users}
+    # inverse-frequency class weights (as sklearn's "balanced"): the loss of a balanced error
+    counts = torch.bincount(torch.tensor([e[1] for e in examples]), minlength=len(base.config.labels)).float()
+    weight = (counts.sum() / (len(counts) * counts.clamp(min=1))).to(device)
+    report["class_weights"] = [round(float(w), 3) for w in weight]
     order = list(range(len(examples)))
     for epoch in range(epochs):
         model.train()
@@ -85,7 +91,7 @@ def train_joint(
             chunk = [examples[i] for i in order[start : start + batch_size]]
             batch = batcher([c[0] for c in chunk], train=True)
             logits = model(torch.tensor([c[2] for c in chunk], device=device), **batch)
-            loss = F.cross_entropy(logits, torch.tensor([c[1] for c in chunk], device=device))
+            loss = F.cross_entropy(logits, torch.tensor([c[1] for c in chunk], device=device), weight=weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

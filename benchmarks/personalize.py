@@ -259,7 +259,7 @@ def _row_cache(name: str, users: list[str], base_dir: Path, cfg: BenchConfig) ->
 def run_row(name: str, stream_path: Path, users: list[str], base_dir: Path, global_replay: Path | None, cfg: BenchConfig, threads: int) -> tuple[str, dict]:
     cache = _row_cache(name, users, base_dir, cfg)
     if cache.exists():  # finished by an earlier, interrupted run of the same configuration
-        return name, json.loads(cache.read_text())
+        return name, {**json.loads(cache.read_text()), "from_cache": True}
     torch.set_num_threads(threads)
     stream = read_stream(stream_path)
     t0 = time.perf_counter()
@@ -311,7 +311,8 @@ def summarize(name: str, raw: dict, base_test: dict[str, dict], users: list[str]
         "forgetting_mean": forgetting,
         "bwt_mean": bwt,
         "nightly_seconds_per_user_median": round(statistics.median(raw["seconds"]), 2) if raw["seconds"] else None,
-        "row_seconds": raw.get("row_seconds"),
+        "row_seconds": raw.get("row_seconds"),  # the row's own run, also when this file took it from the cache
+        "from_cache": raw.get("from_cache", False),
         "per_night": nights,
         "per_user_final": {u: {k: round(v, 2) for k, v in final[u].items()} for u in users},
         "per_user_macro_f1_by_night": {u: [round(e["per_user"][u]["macro_f1"], 2) for e in raw["per_night"]] for u in users},
