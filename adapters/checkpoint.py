@@ -18,9 +18,9 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
-from adapters.config import FusionConfig
-from adapters.encoders import load_text_encoder
-from adapters.fusion import RationaleFusedClassifier
+from nightowl.adapters.config import FusionConfig
+from nightowl.adapters.encoders import load_text_encoder
+from nightowl.adapters.fusion import RationaleFusedClassifier
 
 SHIPPED_BASE = Path(__file__).parent / "base_model"
 ENCODER_LORA = "encoder_lora"

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from adapters.checkpoint import load_base_model
-from adapters.data import image_features, read_tombert_tsv
-from adapters.encoders import ImageEncoder, load_tokenizer, pick_device
-from adapters.inputs import Batcher, ModelInput
-from adapters.train import evaluate_items
+from nightowl.adapters.checkpoint import load_base_model
+from nightowl.adapters.data import image_features, read_tombert_tsv
+from nightowl.adapters.encoders import ImageEncoder, load_tokenizer, pick_device
+from nightowl.adapters.inputs import Batcher, ModelInput
+from nightowl.adapters.train import evaluate_items
 
 
 def evaluate_model(model_dir: Path, tsv_path: Path, images_dir: Path | None = None, settings=None) -> dict:

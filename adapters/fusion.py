@@ -11,7 +11,7 @@
   rationales and images at random so the model serves well without either.
 
 Every fusion layer is a plain nn.Linear, so peft's LoRA can target them by name next to the
-encoder's query/key/value (see `adapters.config.FusionConfig.lora_targets`).
+encoder's query/key/value (see `nightowl.adapters.config.FusionConfig.lora_targets`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.config import FusionConfig
+from nightowl.adapters.config import FusionConfig
 
 
 class CrossAttention(nn.Module):

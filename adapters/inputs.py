@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from adapters.config import FusionConfig
+from nightowl.adapters.config import FusionConfig
 
 ASPECT_MARK = "$T$"  # TomBERT format: where the aspect term stands in the tweet
 

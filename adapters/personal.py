@@ -1,6 +1,6 @@
 """Per-user adapters over the base model: building trainable copies and running them on examples.
 
-The night side (continual/) works with `memory.replay.Example` rows; this kit turns them into
+The night side (continual/) works with `nightowl.memory.replay.Example` rows; this kit turns them into
 model inputs (cached image features, stored rationales) and gives it LoRA-wrapped copies of the
 base model to train, so continual/ never touches the model's internals.
 """
@@ -16,12 +16,12 @@ import torch
 from peft import PeftModel, get_peft_model
 from peft.utils import ModulesToSaveWrapper
 
-from adapters.checkpoint import user_lora_config
-from adapters.inputs import ModelInput
-from adapters.predictor import Predictor
-from adapters.train import scores
-from memory.images import ImageStore
-from memory.replay import Example
+from nightowl.adapters.checkpoint import user_lora_config
+from nightowl.adapters.inputs import ModelInput
+from nightowl.adapters.predictor import Predictor
+from nightowl.adapters.train import scores
+from nightowl.memory.images import ImageStore
+from nightowl.memory.replay import Example
 
 
 class PersonalKit:

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adapters.checkpoint import SHIPPED_BASE, load_base_model, user_lora_config
-from adapters.encoders import ImageEncoder, load_tokenizer, pick_device
-from adapters.inputs import Batcher, ModelInput
-from adapters.serving import AdapterCache, AdapterUnavailable
+from nightowl.adapters.checkpoint import SHIPPED_BASE, load_base_model, user_lora_config
+from nightowl.adapters.encoders import ImageEncoder, load_tokenizer, pick_device
+from nightowl.adapters.inputs import Batcher, ModelInput
+from nightowl.adapters.serving import AdapterCache, AdapterUnavailable
 
 __all__ = ["AdapterRef", "Prediction", "Predictor", "load_base_model"]
 

@@ -18,7 +18,7 @@ from typing import Callable
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
-from memory.models import AdapterStatus, AdapterVersion, User
+from nightowl.memory.models import AdapterStatus, AdapterVersion, User
 from nightowl.errors import Conflict, InvalidInput, NotFound
 
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")

@@ -12,11 +12,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from adapters.checkpoint import ENCODER_LINEAR_LAYERS, build_model, save_base, with_encoder_lora
-from adapters.config import FusionConfig
-from adapters.encoders import load_tokenizer, pick_device
-from adapters.fusion import RationaleFusedClassifier, distillation_loss
-from adapters.inputs import Batcher, ModelInput
+from nightowl.adapters.checkpoint import ENCODER_LINEAR_LAYERS, build_model, save_base, with_encoder_lora
+from nightowl.adapters.config import FusionConfig
+from nightowl.adapters.encoders import load_tokenizer, pick_device
+from nightowl.adapters.fusion import RationaleFusedClassifier, distillation_loss
+from nightowl.adapters.inputs import Batcher, ModelInput
 
 log = logging.getLogger(__name__)
 

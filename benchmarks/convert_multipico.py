@@ -3,7 +3,7 @@
     python -m benchmarks.convert_multipico [--data ../shared/data/multipico_en] [--days 5] [--seed 0] \
         [--out benchmarks/work/multipico_en.stream.jsonl]
 
-The stream format (read by `nightowl bench personalize`) is JSONL. The first line is a header:
+The stream format (read by `python -m benchmarks.personalize`) is JSONL. The first line is a header:
     {"stream": "multipico_en", "labels": ["not_ironic", "ironic"], "days": 5, ...}
 then one labelled example a line:
     user_id   the annotator (null on day-0 rows: base training data belongs to no user)

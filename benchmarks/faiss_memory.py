@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from memory.vector_index import VectorIndex, gpu_available
+from nightowl.memory.vector_index import VectorIndex, gpu_available
 
 RESULTS = Path(__file__).parent / "results" / "faiss_memory.json"
 

@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from adapters import registry
-from adapters.predictor import AdapterRef, Predictor
+from nightowl.adapters import registry
+from nightowl.adapters.predictor import AdapterRef, Predictor
 from benchmarks.nightly_cost import sample_texts, seed_user
-from continual.night import run_night
-from memory.db import session_scope
-from memory.models import AdapterStatus, AdapterVersion, User
+from nightowl.continual.night import run_night
+from nightowl.memory.db import session_scope
+from nightowl.memory.models import AdapterStatus, AdapterVersion, User
 from nightowl.auth import hash_token
 from nightowl.runtime import Runtime
 from nightowl.settings import Settings

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.checkpoint import load_base_model, with_encoder_lora
-from adapters.encoders import load_tokenizer, pick_device
-from adapters.inputs import Batcher, ModelInput
+from nightowl.adapters.checkpoint import load_base_model, with_encoder_lora
+from nightowl.adapters.encoders import load_tokenizer, pick_device
+from nightowl.adapters.inputs import Batcher, ModelInput
 
 
 class AnnotatorConditioned(nn.Module):

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from continual.night import run_night
-from nightowl import interactions
+from nightowl.continual.night import run_night
+from nightowl.day import logger
 from nightowl.runtime import Runtime
 from nightowl.settings import Settings
 
@@ -50,16 +50,16 @@ def sample_texts(n: int) -> list[tuple[str, str, str]]:
 def seed_user(rt: Runtime, user: str, rows, night: int) -> None:
     """Log posts and feedback for a user through nightowl's own logging path."""
     try:
-        interactions.create_user(rt, user)
+        logger.create_user(rt, user)
     except Exception:
         pass  # already there from an earlier night
     for i, row in enumerate(rows):
         text, aspect, label = row if isinstance(row, tuple) else (row, None, "negative")
-        post = interactions.log_post(rt, user, text, aspect=aspect)
+        post = logger.log_post(rt, user, text, aspect=aspect)
         # The user disagrees with a third of the labels (personal view), so the update has work to do.
         if i % 3 == 0:
             label = LABELS[(LABELS.index(label) + 1) % 3]
-        interactions.log_feedback(rt, user, post.post_id, label, None, f"{user}-{night}-{i}")
+        logger.log_feedback(rt, user, post.post_id, label, None, f"{user}-{night}-{i}")
 
 
 def main() -> None:
@@ -92,7 +92,7 @@ def main() -> None:
         "device": device,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch_threads": torch.get_num_threads()},
         "new_feedback_per_user": args.new,
-        "config": vars(rt.update_config),
+        "config": rt.update_config.model_dump(),
         "first_night": first.counts(),
         "second_night": second.counts(),
         "replay_per_user": [r.metrics.get("replay") for r in second.results],

@@ -1,10 +1,10 @@
 """Does it personalize without forgetting? Day-by-day replay of a per-user stream through nightowl.
 
-    nightowl bench personalize --stream FILE.jsonl --out RESULTS.json [--users K] [--seed S]
+    python -m benchmarks.personalize --stream FILE.jsonl --out RESULTS.json [--users K] [--seed S]
 
 For every row (variant) a fresh nightowl home is made on the embedded default. Each day's
-feedback arrives through nightowl's own logging path (`interactions.log_post` +
-`log_feedback`), then the real nightly update runs (`continual.night.run_night`). After every
+feedback arrives through nightowl's own logging path (`logger.log_post` +
+`log_feedback`), then the real nightly update runs (`nightowl.continual.night.run_night`). After every
 night each user's current model is scored on their private test set and on every earlier day's
 items (avalanche's Forgetting / BWT over that accuracy matrix).
 
@@ -15,7 +15,6 @@ users' feedback at once, with a learned per-user embedding).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -28,21 +27,23 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Annotated, Optional
 
 import numpy as np
 import torch
+import typer
 from avalanche.evaluation.metrics import BWT, Forgetting
 
-from adapters.config import FusionConfig
-from adapters.inputs import ModelInput
-from adapters.predictor import model_digest
-from adapters.train import TrainRecipe, scores, train_base_model
 from benchmarks.stream import Stream, StreamError, StreamRow, read_stream
-from continual.night import run_night
-from continual.config import UpdateConfig
-from nightowl import interactions
+
+from nightowl.adapters.config import FusionConfig
+from nightowl.adapters.inputs import ModelInput
+from nightowl.adapters.predictor import model_digest
+from nightowl.adapters.train import TrainRecipe, scores, train_base_model
+from nightowl.continual.night import run_night
+from nightowl.day import logger
 from nightowl.runtime import Runtime
-from nightowl.settings import LimitSettings, Settings
+from nightowl.settings import LimitSettings, Settings, UpdateConfig
 
 ROWS = ("base", "lora_no_replay", "lora_random_replay", "nightowl", "joint_annotator_embedding")
 COLORS = {"base": "tab:gray", "lora_no_replay": "tab:blue", "lora_random_replay": "tab:orange", "nightowl": "tab:red",
@@ -61,7 +62,7 @@ class BenchConfig:
     base_epochs: int = 3
     base_model: Path | None = None  # a trained base to use instead of training one on day 0
     joint_epochs: int = 2
-    update_epochs: int = UpdateConfig.epochs
+    update_epochs: int = UpdateConfig.model_fields["epochs"].default
     jobs: int = 1  # rows run in this many processes (the CPU's threads are split between them)
     work: Path = WORK
 
@@ -84,7 +85,7 @@ class Inputs:
         if path not in self._features:
             from PIL import Image
 
-            from adapters.encoders import ImageEncoder
+            from nightowl.adapters.encoders import ImageEncoder
 
             self._encoder = self._encoder or ImageEncoder()
             with Image.open(path) as im:
@@ -158,7 +159,7 @@ def _forgetting(acc: dict[int, dict[int, float]], last: int) -> tuple[float | No
 
 
 def run_base(stream: Stream, users: list[str], base_dir: Path, cfg: BenchConfig) -> dict:
-    from adapters.predictor import Predictor
+    from nightowl.adapters.predictor import Predictor
 
     settings = Settings(home=cfg.work / "homes" / "base", rationale_provider="none", labels=stream.labels, base_model_dir=base_dir)
     predictor, inputs = Predictor(settings), Inputs()
@@ -188,18 +189,18 @@ def run_variant(name: str, stream: Stream, users: list[str], base_dir: Path, glo
     settings = Settings(home=home, rationale_provider="none", labels=stream.labels, base_model_dir=base_dir,
                         global_replay_data=global_replay, limits=limits)
     rt = Runtime(settings)
-    rt.update_config = replace(UpdateConfig(), epochs=cfg.update_epochs, replay=REPLAY_OF_ROW[name])
+    rt.update_config = UpdateConfig(epochs=cfg.update_epochs, replay=REPLAY_OF_ROW[name])
     inputs = Inputs()
     for u in users:
-        interactions.create_user(rt, u)
+        logger.create_user(rt, u)
     per_night, acc, seconds = [], {u: {} for u in users}, []
     try:
         for night in range(1, stream.days + 1):
             for u in users:
                 for i, r in enumerate(stream.feedback(u, night)):
-                    post = interactions.log_post(rt, u, r.text, aspect=r.aspect, image=read_image(r.image),
+                    post = logger.log_post(rt, u, r.text, aspect=r.aspect, image=read_image(r.image),
                                                  context=r.context, idempotency_key=f"p{night}-{i}")
-                    interactions.log_feedback(rt, u, post.post_id, r.label, None, f"f{night}-{i}")
+                    logger.log_feedback(rt, u, post.post_id, r.label, None, f"f{night}-{i}")
             t0 = time.perf_counter()
             summary = run_night(rt)
             night_s = time.perf_counter() - t0
@@ -250,7 +251,7 @@ def run_joint(stream: Stream, users: list[str], base_dir: Path, cfg: BenchConfig
 def _row_cache(name: str, users: list[str], base_dir: Path, cfg: BenchConfig) -> Path:
     """Keyed by everything a row's numbers depend on: the stream, the users, the base model's
     files (not just its folder name) and the nightly update's settings."""
-    update = asdict(replace(UpdateConfig(), epochs=cfg.update_epochs))
+    update = UpdateConfig(epochs=cfg.update_epochs).model_dump()
     key = hashlib.sha256(json.dumps([name, users, model_digest(base_dir), update, cfg.seed, cfg.joint_epochs,
                                      hashlib.sha256(Path(cfg.stream).read_bytes()).hexdigest()]).encode())
     return cfg.work / "rows" / f"{name}-{key.hexdigest()[:12]}.json"
@@ -415,7 +416,7 @@ def run(cfg: BenchConfig) -> dict:
         "benchmark": "personalize",
         "stream": str(cfg.stream),
         "stream_header": stream.header,
-        "command": (f"nightowl bench personalize --stream {cfg.stream} --out {cfg.out} --users {cfg.users or 0} "
+        "command": (f"python -m benchmarks.personalize --stream {cfg.stream} --out {cfg.out} --users {cfg.users or 0} "
                     f"--seed {cfg.seed} --update-epochs {cfg.update_epochs} --jobs {cfg.jobs}"),
         "users": users,
         "n_users": len(users),
@@ -424,7 +425,7 @@ def run(cfg: BenchConfig) -> dict:
         "test_rows_per_user_median": statistics.median(len(stream.test(u)) for u in users),
         "feedback_rows_per_user_median": statistics.median(sum(len(stream.feedback(u, d)) for d in range(1, stream.days + 1)) for u in users),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-        "update_config": asdict(replace(UpdateConfig(), epochs=cfg.update_epochs)),
+        "update_config": UpdateConfig(epochs=cfg.update_epochs).model_dump(),
         "base_model_dir": str(base_dir),
         "metrics": "macro-F1/accuracy in percent on each user's private test set; gains in macro-F1 points vs the base "
                    "model; forgetting/BWT (avalanche) in accuracy points over each day's feedback items, from the "
@@ -442,20 +443,43 @@ def run(cfg: BenchConfig) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stream", type=Path, required=True)
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--users", type=int, default=30)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--rows", nargs="+", default=list(ROWS))
-    ap.add_argument("--jobs", type=int, default=1)
-    a = ap.parse_args(argv)
-    result = run(BenchConfig(stream=a.stream, out=a.out, users=a.users, seed=a.seed, rows=a.rows, jobs=a.jobs))
-    for r in result["rows"]:
-        print(json.dumps({k: r[k] for k in ("name", "macro_f1_mean", "accuracy_mean", "gain_vs_base_mean",
-                                             "share_users_gained", "forgetting_mean", "bwt_mean")}))
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def personalize(
+    stream: Annotated[Path, typer.Option(help="A personalization stream (JSONL; see benchmarks/stream.py).")],
+    out: Annotated[Path, typer.Option(help="Results JSON (plots are written beside it).")],
+    users: Annotated[Optional[int], typer.Option(help="A seeded subset of K users (default 30; 0 = all).")] = 30,
+    seed: int = 0,
+    rows: Annotated[Optional[list[str]], typer.Option("--row", help="Rows to run (repeatable; base always runs).")] = None,
+    base_model: Annotated[Optional[Path], typer.Option(help="Use this base model instead of training one on day 0.")] = None,
+    base_epochs: int = 3,
+    update_epochs: Annotated[int, typer.Option(help="Epochs of each nightly LoRA update.")] = 6,
+    joint_epochs: int = 2,
+    jobs: Annotated[int, typer.Option(help="Rows run in this many processes.")] = 1,
+    work: Annotated[Optional[Path], typer.Option(help="Scratch folder (homes, cached base model).")] = None,
+) -> None:
+    """Day-by-day personalization benchmark: feedback through the logging path, real nights, per-user scores."""
+    if not stream.is_file():
+        _fail(f"stream file not found: {stream}")
+    if jobs < 1 or update_epochs < 1 or base_epochs < 1 or joint_epochs < 1:
+        _fail("--jobs and the epoch counts must be at least 1")
+    cfg = BenchConfig(stream=stream, out=out, users=users or None, seed=seed, rows=rows or list(ROWS),
+                      base_model=base_model, base_epochs=base_epochs, update_epochs=update_epochs,
+                      joint_epochs=joint_epochs, jobs=jobs, work=work or WORK)
+    try:
+        result = run(cfg)
+    except StreamError as exc:
+        _fail(str(exc))
+    keys = ("name", "macro_f1_mean", "accuracy_mean", "gain_vs_base_mean", "share_users_gained", "forgetting_mean", "bwt_mean")
+    typer.echo(json.dumps({"out": str(out), "users": result["n_users"], "rows": [{k: r[k] for k in keys} for r in result["rows"]]}, indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    app()

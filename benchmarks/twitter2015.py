@@ -29,11 +29,11 @@ from pathlib import Path
 
 import torch
 
-from adapters.config import FusionConfig
-from adapters.data import TOMBERT_LABELS, Row, attach_rationales, image_features, read_tombert_tsv
-from adapters.encoders import ImageEncoder, load_tokenizer
-from adapters.inputs import Batcher, ModelInput
-from adapters.train import TrainRecipe, evaluate_items, train_base_model
+from nightowl.adapters.config import FusionConfig
+from nightowl.adapters.data import TOMBERT_LABELS, Row, attach_rationales, image_features, read_tombert_tsv
+from nightowl.adapters.encoders import ImageEncoder, load_tokenizer
+from nightowl.adapters.inputs import Batcher, ModelInput
+from nightowl.adapters.train import TrainRecipe, evaluate_items, train_base_model
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "twitter2015"
 WORK = Path(__file__).resolve().parent / "work"
@@ -183,8 +183,8 @@ def main() -> None:
 def ensemble_row(name: str, seeds: list[int], data: dict, feats: dict, use_image: bool) -> dict:
     """The probability average of a row's saved seed models on test (no rationales): what the
     seeds reach together, at len(seeds) times the inference cost."""
-    from adapters.checkpoint import load_base_model
-    from adapters.train import predict_logits, scores
+    from nightowl.adapters.checkpoint import load_base_model
+    from nightowl.adapters.train import predict_logits, scores
 
     test = to_items(data["test"], feats, use_image, False)
     probs = []

@@ -15,8 +15,8 @@ from avalanche.benchmarks.utils.classification_dataset import _make_taskaware_te
 from avalanche.training.storage_policy import ExemplarsBuffer
 from sqlmodel import Session, col, select
 
-from memory.models import AdapterStatus, AdapterVersion, Feedback
-from memory.replay import Example
+from nightowl.memory.models import AdapterStatus, AdapterVersion, Feedback
+from nightowl.memory.replay import Example
 
 
 class ExampleTable:

@@ -2,7 +2,7 @@
 
 A job is plain data (user id, feedback cutoff, night id), so an executor other than the
 in-process one (Ray, a queue of workers) can take the same list: each worker needs only the
-settings to build its own runtime and call `continual.update.update_user`.
+settings to build its own runtime and call `nightowl.continual.update.update_user`.
 
 The cutoff is fixed when the night starts: feedback that arrives during the run waits for the
 next one. One user's failure is recorded and the night goes on. A killed night changes no active
@@ -27,9 +27,9 @@ from sqlalchemy import func
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from adapters import registry
-from memory.db import session_scope
-from memory.models import AdapterStatus, AdapterVersion, Feedback, Lease, RunStatus, TrainingRun, User, utcnow
+from nightowl.adapters import registry
+from nightowl.memory.db import session_scope
+from nightowl.memory.models import AdapterStatus, AdapterVersion, Feedback, Lease, RunStatus, TrainingRun, User, utcnow
 from nightowl.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -153,15 +153,15 @@ def ensure_global_memory(rt: Runtime) -> int:
     Source: settings.global_replay_data (TomBERT TSV, or JSONL with text/aspect/context/label),
     else the sample shipped with the base model (sentiment labels only).
     """
-    from adapters.checkpoint import SHIPPED_BASE
-    from adapters.data import read_tombert_tsv
-    from memory.replay import Example
+    from nightowl.adapters.checkpoint import SHIPPED_BASE
+    from nightowl.adapters.data import read_tombert_tsv
+    from nightowl.memory.replay import Example
 
     memory = rt.replay_memory
     index, examples = memory.load_global()
     if index is not None:
         return len(examples)
-    from adapters.data import TOMBERT_LABELS
+    from nightowl.adapters.data import TOMBERT_LABELS
 
     source = rt.settings.global_replay_data
     if source is None:
@@ -241,7 +241,7 @@ def run_night(
 ) -> NightSummary:
     """Run one night. `on_result(result, done, total)` drives a progress bar. Once `stop` is set
     (the server is shutting down), users not yet started are skipped: the next night does them."""
-    from continual.update import update_user
+    from nightowl.continual.update import update_user
 
     update = update or update_user
     holder = lease_holder()

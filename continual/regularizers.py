@@ -14,7 +14,7 @@ import torch
 from avalanche.training.plugins import EWCPlugin, LwFPlugin
 from avalanche.training.utils import copy_params_dict
 
-from continual.experiences import IndexedModel
+from nightowl.continual.experiences import IndexedModel
 
 
 def anchored_lwf(model: IndexedModel, alpha: float, temperature: float = 2.0) -> LwFPlugin:

@@ -29,14 +29,14 @@ from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
 from avalanche.training.supervised import Naive
 from sqlmodel import col, select
 
-from adapters import registry
-from continual.config import UpdateConfig
-from continual.experiences import ExampleTable, FaissReplayBuffer, IndexedModel, user_experiences
-from continual.night import UserJob, UserResult
-from continual.regularizers import AnchoredEWC, anchored_lwf
-from memory.db import session_scope
-from memory.models import AdapterStatus, AdapterVersion, RunStatus, TrainingRun, utcnow
-from memory.replay import Example, served_labels_not_corrected, user_examples
+from nightowl.adapters import registry
+from nightowl.settings import UpdateConfig
+from nightowl.continual.experiences import ExampleTable, FaissReplayBuffer, IndexedModel, user_experiences
+from nightowl.continual.night import UserJob, UserResult
+from nightowl.continual.regularizers import AnchoredEWC, anchored_lwf
+from nightowl.memory.db import session_scope
+from nightowl.memory.models import AdapterStatus, AdapterVersion, RunStatus, TrainingRun, utcnow
+from nightowl.memory.replay import Example, served_labels_not_corrected, user_examples
 from nightowl.runtime import Runtime
 
 log = logging.getLogger(__name__)

@@ -27,8 +27,8 @@ from typing import Callable, Sequence
 import numpy as np
 from sqlmodel import Session, col, select
 
-from memory.models import Feedback, Post, Prediction, Rationale
-from memory.vector_index import VectorIndex
+from nightowl.memory.models import Feedback, Post, Prediction, Rationale
+from nightowl.memory.vector_index import VectorIndex
 
 
 @dataclass(frozen=True)
@@ -202,7 +202,7 @@ class ReplayMemory:
             index.add(np.array([e.id for e in examples]), vectors, self._label_ids(examples))
             index.save(self.global_index_path)
         lines = "".join(json.dumps(asdict(e), ensure_ascii=False) + "\n" for e in examples)
-        from memory.images import atomic_write_bytes
+        from nightowl.memory.images import atomic_write_bytes
 
         atomic_write_bytes(self.global_examples_path, lines.encode("utf-8"))
 

@@ -1,4 +1,4 @@
-"""The interaction logger's HTTP API (FastAPI). Handlers are thin: nightowl.interactions does the work."""
+"""The interaction logger's HTTP API (FastAPI). Handlers are thin: nightowl.day.logger does the work."""
 
 
 import json
@@ -14,7 +14,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
-from nightowl import interactions
+from nightowl.day import logger
 from nightowl.auth import Principal, is_admin_token, load_or_create_admin_token
 from nightowl.errors import InvalidInput, NightowlError, PayloadTooLarge, Unauthorized, UnsupportedMediaType
 from nightowl.runtime import Runtime
@@ -50,8 +50,8 @@ def create_app(rt: Runtime, background: bool = True) -> FastAPI:
         await run_in_threadpool(lambda: rt.predictor)
         worker = scheduler = None
         if background:
-            from nightowl.rationale_worker import RationaleWorker
-            from scheduler.nightly import build_scheduler, next_run
+            from nightowl.day.rationale_worker import RationaleWorker
+            from nightowl.scheduler.nightly import build_scheduler, next_run
 
             worker = RationaleWorker(rt)
             worker.start()
@@ -62,7 +62,7 @@ def create_app(rt: Runtime, background: bool = True) -> FastAPI:
             yield
         finally:
             if scheduler is not None:
-                from scheduler.nightly import stopping
+                from nightowl.scheduler.nightly import stopping
 
                 stopping.set()
                 scheduler.shutdown(wait=False)
@@ -95,7 +95,7 @@ def create_app(rt: Runtime, background: bool = True) -> FastAPI:
             raise Unauthorized("missing bearer token (Authorization: Bearer <token>)")
         if is_admin_token(creds.credentials, admin_hash):
             return Principal(user_id=None)
-        user_id = interactions.user_for_token(rt, creds.credentials)
+        user_id = logger.user_for_token(rt, creds.credentials)
         if user_id is None:
             raise Unauthorized("invalid token")
         return Principal(user_id=user_id)
@@ -104,12 +104,12 @@ def create_app(rt: Runtime, background: bool = True) -> FastAPI:
 
     @app.get("/healthz", response_model=Health, tags=["ops"])
     def healthz() -> Health:
-        return interactions.health(rt)
+        return logger.health(rt)
 
     @app.post("/v1/users", response_model=UserCreated, status_code=201, responses=ERRORS, tags=["users"])
     def create_user(body: UserCreate, caller: Caller) -> UserCreated:
         caller.require_admin()
-        return interactions.create_user(rt, body.user_id, body.name)
+        return logger.create_user(rt, body.user_id, body.name)
 
     @app.post(
         "/v1/users/{user_id}/posts",
@@ -144,7 +144,7 @@ def create_app(rt: Runtime, background: bool = True) -> FastAPI:
         A retry with the same idempotency_key returns 200 and the stored answer."""
         caller.require_user(user_id)
         text, aspect, context, image, key = await _read_post_body(request, rt.settings.limits.max_image_bytes)
-        out = await run_in_threadpool(interactions.log_post, rt, user_id, text, aspect, image, key, context)
+        out = await run_in_threadpool(logger.log_post, rt, user_id, text, aspect, image, key, context)
         # 201 for a new post, 200 for a retry of a stored key (as for feedback)
         return JSONResponse(out.model_dump(mode="json"), status_code=200 if out.duplicate else 201)
 
@@ -154,7 +154,7 @@ def create_app(rt: Runtime, background: bool = True) -> FastAPI:
     def log_feedback(user_id: str, body: FeedbackIn, caller: Caller) -> JSONResponse:
         """Record the label the user says is right. A retry with the same idempotency_key returns 200."""
         caller.require_user(user_id)
-        out = interactions.log_feedback(rt, user_id, body.post_id, body.label, body.reason, body.idempotency_key)
+        out = logger.log_feedback(rt, user_id, body.post_id, body.label, body.reason, body.idempotency_key)
         return JSONResponse(out.model_dump(mode="json"), status_code=200 if out.duplicate else 201)
 
     @app.get("/v1/users/{user_id}/posts", response_model=PostList, responses=ERRORS, tags=["posts"])
@@ -166,25 +166,25 @@ def create_app(rt: Runtime, background: bool = True) -> FastAPI:
     ) -> PostList:
         """The user's posts, newest first, with predictions and feedback."""
         caller.require_user(user_id)
-        return interactions.list_posts(rt, user_id, limit, offset)
+        return logger.list_posts(rt, user_id, limit, offset)
 
     @app.delete("/v1/users/{user_id}", responses=ERRORS, tags=["users"])
     def delete_user(user_id: str, caller: Caller) -> dict[str, int]:
         """Delete a user: rows, replay vectors, adapters and images no one else posted (admin)."""
         caller.require_admin()
-        return interactions.delete_user(rt, user_id)
+        return logger.delete_user(rt, user_id)
 
     @app.get("/v1/users/{user_id}/adapters", response_model=AdapterList, responses=ERRORS, tags=["adapters"])
     def list_adapters(user_id: str, caller: Caller) -> AdapterList:
         """The user's adapter versions: active, candidate, rejected (with the reason), retired."""
         caller.require_user(user_id)
-        return interactions.list_adapters(rt, user_id)
+        return logger.list_adapters(rt, user_id)
 
     @app.post("/v1/users/{user_id}/adapters/rollback", response_model=AdapterList, responses=ERRORS, tags=["adapters"])
     def rollback(user_id: str, body: RollbackIn, caller: Caller) -> AdapterList:
         """Make an earlier adapter version active again (version null: back to the base model)."""
         caller.require_user(user_id)
-        return interactions.rollback_adapter(rt, user_id, body.version)
+        return logger.rollback_adapter(rt, user_id, body.version)
 
     return app
 
@@ -246,7 +246,7 @@ async def _read_post_body(
             raise InvalidInput("request body is not valid JSON (or nests too deeply)") from None
         except ValidationError as exc:
             raise InvalidInput(_validation_message(exc)) from None
-        image = interactions.decode_base64_image(body.image_base64) if body.image_base64 else None
+        image = logger.decode_base64_image(body.image_base64) if body.image_base64 else None
         return body.text, body.aspect, body.context, image, body.idempotency_key
     if content_type == "multipart/form-data":
         try:

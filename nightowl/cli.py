@@ -26,8 +26,6 @@ app.add_typer(users_app, name="users")
 adapters_app = typer.Typer(help="Per-user adapter versions.", no_args_is_help=True)
 app.add_typer(rationales_app, name="rationales")
 app.add_typer(adapters_app, name="adapters")
-bench_app = typer.Typer(help="Benchmarks that exercise the whole system.", no_args_is_help=True)
-app.add_typer(bench_app, name="bench")
 
 
 def _runtime():
@@ -85,9 +83,9 @@ def serve(
 @cli_errors
 def health() -> None:
     """Check the configured store (as GET /healthz does): database, model, rationale queue."""
-    from nightowl import interactions
+    from nightowl.day import logger
 
-    _emit(interactions.health(_runtime()))
+    _emit(logger.health(_runtime()))
 
 
 @users_app.command("create")
@@ -97,18 +95,18 @@ def users_create(
     name: Annotated[Optional[str], typer.Option(help="Display name.")] = None,
 ) -> None:
     """Create a user and print its token (shown once)."""
-    from nightowl import interactions
+    from nightowl.day import logger
 
-    _emit(interactions.create_user(_runtime(), user_id, name))
+    _emit(logger.create_user(_runtime(), user_id, name))
 
 
 @users_app.command("delete")
 @cli_errors
 def users_delete(user_id: str) -> None:
     """Delete a user: their rows, replay vectors, adapters and images."""
-    from nightowl import interactions
+    from nightowl.day import logger
 
-    _emit(interactions.delete_user(_runtime(), user_id))
+    _emit(logger.delete_user(_runtime(), user_id))
 
 
 @app.command()
@@ -122,14 +120,14 @@ def post(
     context: Annotated[Optional[str], typer.Option(help="The post this one replies to.")] = None,
 ) -> None:
     """Log a post for a user and print the user's prediction."""
-    from nightowl import interactions
+    from nightowl.day import logger
 
     data = None
     if image is not None:
         if not image.is_file():
             raise NightowlError(f"image file not found: {image}")
         data = image.read_bytes()
-    _emit(interactions.log_post(_runtime(), user_id, text, aspect, data, key, context))
+    _emit(logger.log_post(_runtime(), user_id, text, aspect, data, key, context))
 
 
 @app.command()
@@ -142,9 +140,9 @@ def feedback(
     key: Annotated[Optional[str], typer.Option(help="Idempotency key: a retry with it is stored once.")] = None,
 ) -> None:
     """Record the label a user says is right for one of their posts."""
-    from nightowl import interactions
+    from nightowl.day import logger
 
-    _emit(interactions.log_feedback(_runtime(), user_id, post_id, label, reason, key))
+    _emit(logger.log_feedback(_runtime(), user_id, post_id, label, reason, key))
 
 
 @app.command()
@@ -155,9 +153,9 @@ def history(
     offset: Annotated[int, typer.Option(min=0)] = 0,
 ) -> None:
     """List a user's recent posts with predictions and feedback, newest first."""
-    from nightowl import interactions
+    from nightowl.day import logger
 
-    _emit(interactions.list_posts(_runtime(), user_id, limit, offset))
+    _emit(logger.list_posts(_runtime(), user_id, limit, offset))
 
 
 @rationales_app.command("run")
@@ -166,7 +164,7 @@ def rationales_run(
     once: Annotated[bool, typer.Option(help="Work the jobs due now, then exit.")] = True,
 ) -> None:
     """Generate the rationales that are due (the server does this in the background)."""
-    from nightowl.rationale_worker import RationaleWorker
+    from nightowl.day.rationale_worker import RationaleWorker
 
     worker = RationaleWorker(_runtime())
     if worker.provider is None:
@@ -189,7 +187,7 @@ def nightly(
     """Run the nightly per-user update now, with a progress bar (the server runs it on schedule)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from continual.night import NightAlreadyRunning, run_night
+    from nightowl.continual.night import NightAlreadyRunning, run_night
 
     if not now:
         raise NightowlError("pass --now to run the nightly update now (the server runs it on its schedule)")
@@ -226,9 +224,9 @@ def nightly(
 @cli_errors
 def adapters_list(user_id: str) -> None:
     """A user's adapter versions and their status (active, candidate, rejected, retired)."""
-    from nightowl import interactions
+    from nightowl.day import logger
 
-    _emit(interactions.list_adapters(_runtime(), user_id))
+    _emit(logger.list_adapters(_runtime(), user_id))
 
 
 @adapters_app.command("export")
@@ -239,9 +237,9 @@ def adapters_export(
     version: Annotated[Optional[int], typer.Option(help="Version to export; default: the active one.")] = None,
 ) -> None:
     """Copy an adapter (standard PEFT layout) to DEST; plain PeftModel.from_pretrained loads it."""
-    from nightowl import interactions
+    from nightowl.day import logger
 
-    _emit(interactions.export_adapter(_runtime(), user_id, version, dest))
+    _emit(logger.export_adapter(_runtime(), user_id, version, dest))
 
 
 @adapters_app.command("rollback")
@@ -251,11 +249,11 @@ def adapters_rollback(
     version: Annotated[str, typer.Argument(help="A version number, or 'base' for no adapter.")],
 ) -> None:
     """Make an earlier adapter version active again (or go back to the base model)."""
-    from nightowl import interactions
+    from nightowl.day import logger
 
     if version != "base" and not version.isdigit():
         raise NightowlError("version must be a number or 'base'")
-    _emit(interactions.rollback_adapter(_runtime(), user_id, None if version == "base" else int(version)))
+    _emit(logger.rollback_adapter(_runtime(), user_id, None if version == "base" else int(version)))
 
 
 @app.command()
@@ -266,8 +264,8 @@ def evaluate(
     images: Annotated[Optional[Path], typer.Option(help="The TSV's image folder.")] = None,
 ) -> None:
     """Score a saved model on any TomBERT-format TSV (no rationales are given to it)."""
-    from adapters.data import DatasetError
-    from adapters.evaluate import evaluate_model
+    from nightowl.adapters.data import DatasetError
+    from nightowl.adapters.evaluate import evaluate_model
 
     for path, what in ((model, "model folder"), (data, "data file"), (images, "image folder")):
         if path is not None and not path.exists():
@@ -291,11 +289,11 @@ def train_base(
     seed: int = 0,
 ) -> None:
     """Train the shared base model on a labelled dataset and save it with its config."""
-    from adapters.config import FusionConfig
-    from adapters.data import DatasetError, attach_rationales, image_features, read_tombert_tsv
-    from adapters.encoders import ImageEncoder
-    from adapters.inputs import ModelInput
-    from adapters.train import TrainRecipe, train_base_model
+    from nightowl.adapters.config import FusionConfig
+    from nightowl.adapters.data import DatasetError, attach_rationales, image_features, read_tombert_tsv
+    from nightowl.adapters.encoders import ImageEncoder
+    from nightowl.adapters.inputs import ModelInput
+    from nightowl.adapters.train import TrainRecipe, train_base_model
 
     names = [x.strip() for x in labels.split(",")]
     if len(names) < 2 or len(set(names)) != len(names) or not all(names):
@@ -319,40 +317,6 @@ def train_base(
     _, report = train_base_model(items(train_rows, True), items(select_rows, False) if select_rows else None,
                                  config, out, TrainRecipe(epochs=epochs, seed=seed))
     _emit({"out": str(out), **report})
-
-
-@bench_app.command("personalize")
-@cli_errors
-def bench_personalize(
-    stream: Annotated[Path, typer.Option(help="A personalization stream (JSONL; see benchmarks/stream.py).")],
-    out: Annotated[Path, typer.Option(help="Results JSON (plots are written beside it).")],
-    users: Annotated[Optional[int], typer.Option(help="A seeded subset of K users (default 30; 0 = all).")] = 30,
-    seed: int = 0,
-    rows: Annotated[Optional[list[str]], typer.Option("--row", help="Rows to run (repeatable; base always runs).")] = None,
-    base_model: Annotated[Optional[Path], typer.Option(help="Use this base model instead of training one on day 0.")] = None,
-    base_epochs: int = 3,
-    update_epochs: Annotated[int, typer.Option(help="Epochs of each nightly LoRA update.")] = 6,
-    joint_epochs: int = 2,
-    jobs: Annotated[int, typer.Option(help="Rows run in this many processes.")] = 1,
-    work: Annotated[Optional[Path], typer.Option(help="Scratch folder (homes, cached base model).")] = None,
-) -> None:
-    """Day-by-day personalization benchmark: feedback through the logging path, real nights, per-user scores."""
-    from benchmarks.personalize import ROWS, WORK, BenchConfig, run
-    from benchmarks.stream import StreamError
-
-    if not stream.is_file():
-        raise NightowlError(f"stream file not found: {stream}")
-    if jobs < 1 or update_epochs < 1 or base_epochs < 1 or joint_epochs < 1:
-        raise NightowlError("--jobs and the epoch counts must be at least 1")
-    cfg = BenchConfig(stream=stream, out=out, users=users or None, seed=seed, rows=rows or list(ROWS),
-                      base_model=base_model, base_epochs=base_epochs, update_epochs=update_epochs,
-                      joint_epochs=joint_epochs, jobs=jobs, work=work or WORK)
-    try:
-        result = run(cfg)
-    except StreamError as exc:
-        raise NightowlError(str(exc)) from None
-    keys = ("name", "macro_f1_mean", "accuracy_mean", "gain_vs_base_mean", "share_users_gained", "forgetting_mean", "bwt_mean")
-    _emit({"out": str(out), "users": result["n_users"], "rows": [{k: r[k] for k in keys} for r in result["rows"]]})
 
 
 def main() -> None:  # pragma: no cover - entry point

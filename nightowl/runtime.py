@@ -9,12 +9,12 @@ import threading
 from functools import cached_property
 from typing import TYPE_CHECKING
 
-from memory.db import init_db, make_engine
-from memory.images import ImageStore
-from nightowl.settings import Settings
+from nightowl.memory.db import init_db, make_engine
+from nightowl.memory.images import ImageStore
+from nightowl.settings import Settings, UpdateConfig
 
 if TYPE_CHECKING:
-    from adapters.predictor import AdapterRef, Predictor
+    from nightowl.adapters.predictor import AdapterRef, Predictor
 
 
 class Runtime:
@@ -38,7 +38,7 @@ class Runtime:
         if self._predictor is None:
             with self._predictor_lock:
                 if self._predictor is None:
-                    from adapters.predictor import Predictor
+                    from nightowl.adapters.predictor import Predictor
 
                     self._predictor = Predictor(self.settings)
         return self._predictor
@@ -51,13 +51,13 @@ class Runtime:
     @cached_property
     def personal(self):
         """Training/evaluation helpers for per-user adapters over the loaded base model."""
-        from adapters.personal import PersonalKit
+        from nightowl.adapters.personal import PersonalKit
 
         return PersonalKit(self.predictor, self.images)
 
     @cached_property
     def replay_memory(self):
-        from memory.replay import ReplayMemory
+        from nightowl.memory.replay import ReplayMemory
 
         kit = self.personal
         return ReplayMemory(
@@ -65,16 +65,14 @@ class Runtime:
         )
 
     @cached_property
-    def update_config(self):
-        from continual.config import UpdateConfig
-
-        return UpdateConfig.from_overrides(self.settings.update)
+    def update_config(self) -> UpdateConfig:
+        return self.settings.update
 
     def active_adapter(self, user_id: str) -> "AdapterRef | None":
         """The adapter that serves this user now (None: the base model)."""
-        from adapters import registry
-        from adapters.predictor import AdapterRef
-        from memory.db import session_scope
+        from nightowl.adapters import registry
+        from nightowl.adapters.predictor import AdapterRef
+        from nightowl.memory.db import session_scope
 
         with session_scope(self.engine) as s:
             row = registry.active(s, user_id)
@@ -84,8 +82,8 @@ class Runtime:
 
     def forget_user(self, user_id: str) -> None:
         """Drop a deleted user's cached adapters and replay memory."""
-        from adapters.registry import user_dir
-        from memory.replay import ReplayMemory
+        from nightowl.adapters.registry import user_dir
+        from nightowl.memory.replay import ReplayMemory
 
         if self._predictor is not None:
             self._predictor.adapters.evict_under(user_dir(self.settings.adapters_dir, user_id))

@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -45,6 +45,49 @@ class LimitSettings(BaseModel):
     # Pillow's own bomb guard trips at 2x its limit; we refuse anything over this outright.
     max_image_pixels: int = 40_000_000
     max_image_side: int = 12_000
+
+
+class UpdateConfig(BaseModel):
+    """The nightly per-user update (`[update]` in nightowl.toml, ``NIGHTOWL_UPDATE__EPOCHS=8``, ...).
+
+    Plain data with no torch behind it, so that loading settings stays cheap and a typo or a bad
+    value fails when the server starts, not at 02:30: unknown names are refused and every value
+    is checked against the range written beside it; the message names the field.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epochs: int = Field(default=6, ge=1, description="Passes over tonight's new examples (with replay mixed in).")
+    batch_size: int = Field(default=16, ge=1, description="New examples per mini-batch; replay adds as many again.")
+    lr: float = Field(default=1e-3, ge=0, description="AdamW learning rate of the user's LoRA weights and head.")
+    holdout_fraction: float = Field(
+        default=0.2, ge=0, lt=1, description="Share of tonight's new feedback held back from training for the gate."
+    )
+    min_new_for_holdout: int = Field(
+        default=5, ge=0, description="Fewer new examples than this: nothing is held back and the gate scores in-sample."
+    )
+    neighbours_per_new: int = Field(
+        default=2, ge=0, description="FAISS replay: the user's nearest older examples drawn per new example."
+    )
+    random_ratio: float = Field(
+        default=0.5, ge=0, description="Replay: random older examples of the user, per new example."
+    )
+    n_global: int = Field(default=16, ge=0, description="Replay: examples drawn from the global (base training) memory.")
+    ewc_lambda: float = Field(
+        default=0.0, ge=0, description="> 0: EWC anchored at the user's starting model (continual.regularizers)."
+    )
+    lwf_alpha: float = Field(default=0.0, ge=0, description="> 0: LwF distilling from the user's starting model.")
+    replay: Literal["faiss", "random", "none"] = Field(
+        default="faiss", description="Replay selection; 'random' and 'none' exist for the benchmark's ablations."
+    )
+    prior_strength: float = Field(
+        default=5.0,
+        description="The user's label prior vs the base model's, added to the logits "
+        "(PersonalKit.prior_adjustment); pseudo-counts of the base prior. <= 0 turns the correction off.",
+    )
+    gate_metric: Literal["macro_f1", "accuracy"] = Field(
+        default="macro_f1", description="What 'not worse' means at the gate."
+    )
 
 
 class Settings(BaseSettings):
@@ -85,10 +128,11 @@ class Settings(BaseSettings):
     timezone: str | None = Field(default=None, description="IANA zone for nightly_time; default: local.")
     adapter_cache_size: int = Field(default=64, description="User adapters kept loaded (LRU).")
     replay_capacity: int = Field(default=2000, description="Examples per user in the FAISS replay memory.")
-    update: dict[str, Any] = Field(
-        default_factory=dict,
-        description="Overrides of the nightly update's settings (continual.update.UpdateConfig), "
-        'e.g. {"epochs": 8, "ewc_lambda": 100}; a TOML [update] table or NIGHTOWL_UPDATE as JSON.',
+    update: UpdateConfig = Field(
+        default_factory=UpdateConfig,
+        description="The nightly update's settings (UpdateConfig), "
+        'e.g. {"epochs": 8, "ewc_lambda": 100}; a TOML [update] table, NIGHTOWL_UPDATE as JSON '
+        "or NIGHTOWL_UPDATE__EPOCHS=8.",
     )
     global_replay_data: Path | None = Field(
         default=None,
@@ -101,14 +145,6 @@ class Settings(BaseSettings):
     def _labels_unique(cls, v: list[str]) -> list[str]:
         if len(v) < 2 or len(set(v)) != len(v) or any(not x.strip() for x in v):
             raise ValueError("labels must be at least two distinct, non-empty names")
-        return v
-
-    @field_validator("update")
-    @classmethod
-    def _update_overrides(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from continual.config import UpdateConfig  # light: no torch
-
-        UpdateConfig.from_overrides(v)  # a typo or a bad value fails at start, not at 02:30
         return v
 
     @field_validator("nightly_time")

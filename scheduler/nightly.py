@@ -36,7 +36,7 @@ stopping = threading.Event()
 
 
 def nightly_job() -> None:
-    from continual.night import run_night
+    from nightowl.continual.night import run_night
 
     if _runtime is None:  # pragma: no cover - only if the job fires outside `nightowl serve`
         log.error("nightly job fired with no runtime; skipped")

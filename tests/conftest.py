@@ -58,7 +58,7 @@ def make_settings(home: Path, **overrides) -> Settings:
 @pytest.fixture(scope="session")
 def predictor(tmp_path_factory):
     """The real packaged base model, loaded once for the whole test run."""
-    from adapters.predictor import Predictor
+    from nightowl.adapters.predictor import Predictor
 
     return Predictor(make_settings(tmp_path_factory.mktemp("predictor-home")))
 

@@ -6,10 +6,10 @@ from datetime import timedelta
 
 from sqlmodel import Session, select
 
-from memory.models import JobStatus, Rationale, RationaleJob, utcnow
-from nightowl import interactions
+from nightowl.memory.models import JobStatus, Rationale, RationaleJob, utcnow
+from nightowl.day import logger
 from nightowl.devserver import free_port
-from nightowl.rationale_worker import RationaleWorker
+from nightowl.day.rationale_worker import RationaleWorker
 from nightowl.rationales import OpenAICompatible, RationaleCache
 from nightowl.runtime import Runtime
 from tests.conftest import make_settings
@@ -26,8 +26,8 @@ def _job(rt, post_id) -> RationaleJob:
 
 def test_pending_job_survives_restart_and_is_worked(tmp_path, predictor):
     rt = _runtime(tmp_path, predictor)
-    interactions.create_user(rt, "alice")
-    post = interactions.log_post(rt, "alice", "$T$ again, wonderful", aspect="Monday")
+    logger.create_user(rt, "alice")
+    post = logger.log_post(rt, "alice", "$T$ again, wonderful", aspect="Monday")
     assert _job(rt, post.post_id).status == JobStatus.pending
     rt.close()  # "restart": a new process over the same home picks the job up
 
@@ -40,15 +40,15 @@ def test_pending_job_survives_restart_and_is_worked(tmp_path, predictor):
         stored = s.exec(select(Rationale).where(Rationale.post_id == post.post_id)).one()
     assert stored.provider == "cache" and "Monday" in stored.text
     assert _job(rt2, post.post_id).status == JobStatus.done
-    listing = interactions.list_posts(rt2, "alice")
+    listing = logger.list_posts(rt2, "alice")
     assert listing.items[0].rationale == stored.text
     assert worker.run_once() == 0  # nothing left
 
 
 def test_provider_down_reschedules_with_backoff(tmp_path, predictor):
     rt = _runtime(tmp_path, predictor, provider="openai")
-    interactions.create_user(rt, "bob")
-    post = interactions.log_post(rt, "bob", "served without a rationale", aspect=None)
+    logger.create_user(rt, "bob")
+    post = logger.log_post(rt, "bob", "served without a rationale", aspect=None)
     assert post.prediction.label in rt.labels  # the post was answered while the provider is down
 
     down = OpenAICompatible(f"http://127.0.0.1:{free_port()}/v1", "m", timeout_s=1, retries=1, backoff_s=0.01)
@@ -76,8 +76,8 @@ def test_gives_up_after_max_attempts(tmp_path, predictor):
         make_settings(tmp_path / "home", rationale_provider="cache", rationale_retry_s=0, rationale_max_attempts=2),
         predictor=predictor,
     )
-    interactions.create_user(rt, "cy")
-    post = interactions.log_post(rt, "cy", "nobody will ever explain this")
+    logger.create_user(rt, "cy")
+    post = logger.log_post(rt, "cy", "nobody will ever explain this")
     worker = RationaleWorker(rt, provider=RationaleCache(rt.settings.rationale_cache_dir))
     worker.run_once()
     worker.run_once()

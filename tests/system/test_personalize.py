@@ -7,8 +7,7 @@ import random
 
 from typer.testing import CliRunner
 
-from benchmarks.personalize import ROWS
-from nightowl.cli import app
+from benchmarks.personalize import ROWS, app
 
 LABELS = ["not_ironic", "ironic"]
 OPENERS = ["Oh great,", "Wonderful,", "Just what I needed:", "Love it,", "Sure,", "Fine,"]
@@ -42,7 +41,7 @@ def test_bench_personalize_writes_every_row(tmp_path):
     stream = write_stream(tmp_path / "tiny.jsonl")
     out = tmp_path / "results" / "personalization-tiny.json"
     result = CliRunner().invoke(app, [
-        "bench", "personalize", "--stream", str(stream), "--out", str(out), "--users", "0",
+        "--stream", str(stream), "--out", str(out), "--users", "0",
         "--base-epochs", "1", "--update-epochs", "2", "--joint-epochs", "1", "--work", str(tmp_path / "work"),
     ])
     assert result.exit_code == 0, result.output
@@ -66,13 +65,13 @@ def test_bench_personalize_writes_every_row(tmp_path):
 
 def test_bench_personalize_rejects_a_bad_stream(tmp_path):
     no_header = write_stream(tmp_path / "plain.jsonl", header=False)
-    result = CliRunner().invoke(app, ["bench", "personalize", "--stream", str(no_header), "--out", str(tmp_path / "r.json")])
+    result = CliRunner().invoke(app, ["--stream", str(no_header), "--out", str(tmp_path / "r.json")])
     assert result.exit_code != 0 and "labels" in result.output
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"labels": LABELS}) + "\n" + json.dumps(
         {"user_id": "u", "text": "t", "label": "sarcastic", "day": 1, "split": "feedback"}) + "\n")
-    result = CliRunner().invoke(app, ["bench", "personalize", "--stream", str(bad), "--out", str(tmp_path / "r.json")])
+    result = CliRunner().invoke(app, ["--stream", str(bad), "--out", str(tmp_path / "r.json")])
     assert result.exit_code != 0 and "sarcastic" in result.output
-    missing = CliRunner().invoke(app, ["bench", "personalize", "--stream", str(tmp_path / "nope.jsonl"), "--out", "r.json"])
+    missing = CliRunner().invoke(app, ["--stream", str(tmp_path / "nope.jsonl"), "--out", "r.json"])
     assert missing.exit_code != 0 and "not found" in missing.output
     assert not (tmp_path / "r.json").exists()

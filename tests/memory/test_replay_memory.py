@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from memory.replay import Example, ReplayMemory, user_examples
-from memory.vector_index import VectorIndex
-from nightowl import interactions
+from nightowl.memory.replay import Example, ReplayMemory, user_examples
+from nightowl.memory.vector_index import VectorIndex
+from nightowl.day import logger
 
 LABELS = ["negative", "neutral", "positive"]
 
@@ -15,8 +15,8 @@ LABELS = ["negative", "neutral", "positive"]
 @pytest.fixture(scope="module")
 def embed(predictor, tmp_path_factory):
     """Vectors from the frozen base model, as the nightly update uses them."""
-    from adapters.personal import PersonalKit
-    from memory.images import ImageStore
+    from nightowl.adapters.personal import PersonalKit
+    from nightowl.memory.images import ImageStore
 
     root = tmp_path_factory.mktemp("images")
     kit = PersonalKit(predictor, ImageStore(root / "i", root / "f"))
@@ -108,12 +108,12 @@ def test_replay_selection_prefers_neighbours_of_new_examples(tmp_path, embed, pr
 
 def test_user_examples_from_store(sqlite_runtime):
     rt = sqlite_runtime
-    interactions.create_user(rt, "dora")
-    p1 = interactions.log_post(rt, "dora", "first").post_id
-    p2 = interactions.log_post(rt, "dora", "second").post_id
-    f1 = interactions.log_feedback(rt, "dora", p1, "positive").feedback_id
-    interactions.log_feedback(rt, "dora", p2, "negative")
-    f3 = interactions.log_feedback(rt, "dora", p1, "neutral").feedback_id  # corrects f1
+    logger.create_user(rt, "dora")
+    p1 = logger.log_post(rt, "dora", "first").post_id
+    p2 = logger.log_post(rt, "dora", "second").post_id
+    f1 = logger.log_feedback(rt, "dora", p1, "positive").feedback_id
+    logger.log_feedback(rt, "dora", p2, "negative")
+    f3 = logger.log_feedback(rt, "dora", p1, "neutral").feedback_id  # corrects f1
     from sqlmodel import Session
 
     with Session(rt.engine) as s:

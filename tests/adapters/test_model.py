@@ -9,14 +9,14 @@ import torch
 from peft import PeftModel, get_peft_model
 from PIL import Image
 
-from adapters.checkpoint import SHIPPED_BASE, build_model, load_base_model, save_base, user_lora_config, with_encoder_lora
-from adapters.config import FusionConfig
-from adapters.data import TOMBERT_LABELS, read_tombert_tsv
-from adapters.encoders import ImageEncoder, load_tokenizer
-from adapters.evaluate import evaluate_model
-from adapters.inputs import Batcher, ModelInput
-from adapters.predictor import Predictor
-from adapters.train import TrainRecipe, train_base_model
+from nightowl.adapters.checkpoint import SHIPPED_BASE, build_model, load_base_model, save_base, user_lora_config, with_encoder_lora
+from nightowl.adapters.config import FusionConfig
+from nightowl.adapters.data import TOMBERT_LABELS, read_tombert_tsv
+from nightowl.adapters.encoders import ImageEncoder, load_tokenizer
+from nightowl.adapters.evaluate import evaluate_model
+from nightowl.adapters.inputs import Batcher, ModelInput
+from nightowl.adapters.predictor import Predictor
+from nightowl.adapters.train import TrainRecipe, train_base_model
 from tests.conftest import FIXTURES, make_settings
 
 TSV = FIXTURES / "twitter_small.tsv"

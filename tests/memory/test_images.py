@@ -9,7 +9,7 @@ import zlib
 import pytest
 from PIL import Image
 
-from memory.images import ImageRejected, ImageStore, decode_checked
+from nightowl.memory.images import ImageRejected, ImageStore, decode_checked
 
 LIMITS = dict(max_bytes=1_000_000, max_pixels=4_000_000, max_side=5000)
 

@@ -64,10 +64,10 @@ def test_cli_bad_input(cli, args, code, message):
 @pytest.mark.parametrize(
     "env, message",
     [
-        ('{"epoch": 3}', "unknown nightly update settings ['epoch']"),
-        ('{"epochs": "many"}', "epochs must be an integer"),
-        ('{"replay": "fais"}', "replay must be one of"),
-        ('{"holdout_fraction": 1.5}', "holdout_fraction must be in [0, 1)"),
+        ('{"epoch": 3}', "update.epoch: Extra inputs are not permitted"),
+        ('{"epochs": "many"}', "update.epochs: Input should be a valid integer"),
+        ('{"replay": "fais"}', "update.replay: Input should be 'faiss', 'random' or 'none'"),
+        ('{"holdout_fraction": 1.5}', "update.holdout_fraction: Input should be less than 1"),
     ],
 )
 def test_cli_bad_configuration_is_a_message(cli, monkeypatch, env, message):

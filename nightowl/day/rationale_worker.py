@@ -14,8 +14,8 @@ from datetime import timedelta
 
 from sqlmodel import col, select
 
-from memory.db import session_scope
-from memory.models import JobStatus, Post, Rationale, RationaleJob, utcnow
+from nightowl.memory.db import session_scope
+from nightowl.memory.models import JobStatus, Post, Rationale, RationaleJob, utcnow
 from nightowl.runtime import Runtime
 
 log = logging.getLogger(__name__)

@@ -15,11 +15,11 @@ import pytest
 import torch
 from sqlmodel import Session, func, select
 
-from adapters import registry
-from continual.night import run_night
-from continual.config import UpdateConfig
-from memory.models import AdapterStatus, AdapterVersion, Feedback, RunStatus, TrainingRun
-from nightowl import interactions
+from nightowl.adapters import registry
+from nightowl.continual.night import run_night
+from nightowl.settings import UpdateConfig
+from nightowl.memory.models import AdapterStatus, AdapterVersion, Feedback, RunStatus, TrainingRun
+from nightowl.day import logger
 from nightowl.errors import InvalidInput
 from nightowl.runtime import Runtime
 from tests.conftest import make_settings
@@ -61,19 +61,19 @@ def night_rt(tmp_path, predictor):
 
 def _teach(rt, user, texts, label, aspect=None):
     for t in texts:
-        post = interactions.log_post(rt, user, t, aspect=aspect)
-        interactions.log_feedback(rt, user, post.post_id, label, "sarcasm", f"{user}-{t}")
+        post = logger.log_post(rt, user, t, aspect=aspect)
+        logger.log_feedback(rt, user, post.post_id, label, "sarcasm", f"{user}-{t}")
 
 
 def _p(rt, user, text, label):
-    out = interactions.log_post(rt, user, text)
+    out = logger.log_post(rt, user, text)
     return out.prediction.probabilities[label], out.prediction.adapter_version
 
 
 def test_one_night_personalizes_without_forgetting(night_rt):
     rt = night_rt
-    interactions.create_user(rt, "sarcastic")
-    interactions.create_user(rt, "plain")
+    logger.create_user(rt, "sarcastic")
+    logger.create_user(rt, "plain")
     before = [_p(rt, "sarcastic", t, "negative")[0] for t in SARCASTIC_TEST]
     _teach(rt, "sarcastic", SARCASTIC_TRAIN, "negative")
 
@@ -108,13 +108,13 @@ def test_one_night_personalizes_without_forgetting(night_rt):
 def test_adapter_loads_with_plain_peft_and_matches_server(night_rt, tmp_path):
     from peft import PeftModel
 
-    from adapters.predictor import load_base_model
+    from nightowl.adapters.predictor import load_base_model
 
     rt = night_rt
-    interactions.create_user(rt, "exp")
+    logger.create_user(rt, "exp")
     _teach(rt, "exp", SARCASTIC_TRAIN[:8], "negative")
     assert run_night(rt).counts() == {"promoted": 1}
-    out = interactions.export_adapter(rt, "exp", None, tmp_path / "export")
+    out = logger.export_adapter(rt, "exp", None, tmp_path / "export")
     files = sorted(p.name for p in (tmp_path / "export").iterdir())
     assert files == ["adapter_config.json", "adapter_model.safetensors"]
     assert json.loads((tmp_path / "export" / "adapter_config.json").read_text())["peft_type"] == "LORA"
@@ -122,7 +122,7 @@ def test_adapter_loads_with_plain_peft_and_matches_server(night_rt, tmp_path):
     plain = PeftModel.from_pretrained(load_base_model(rt.predictor.model_dir, rt.settings), tmp_path / "export")
     plain.eval()
     text = SARCASTIC_TEST[0]
-    served = interactions.log_post(rt, "exp", text).prediction
+    served = logger.log_post(rt, "exp", text).prediction
     assert served.adapter_version == out["version"]
     with torch.inference_mode():
         probs = rt.predictor.probabilities_with(plain, text, None, None)
@@ -138,11 +138,11 @@ def test_broken_or_foreign_adapter_serves_the_base(night_rt):
     rt = night_rt
     rt.update_config = UpdateConfig(epochs=1, n_global=0, min_new_for_holdout=100)
     for user in ("bent", "moved"):
-        interactions.create_user(rt, user)
+        logger.create_user(rt, user)
         _teach(rt, user, SARCASTIC_TRAIN[:4], "negative")
     assert run_night(rt).counts() == {"promoted": 2}
     text = SARCASTIC_TEST[0]
-    assert interactions.log_post(rt, "bent", text).prediction.adapter_version == 1
+    assert logger.log_post(rt, "bent", text).prediction.adapter_version == 1
 
     with Session(rt.engine) as s:
         path = rt.settings.adapters_dir / registry.active(s, "bent").path / "adapter_model.safetensors"
@@ -150,18 +150,18 @@ def test_broken_or_foreign_adapter_serves_the_base(night_rt):
     name = next(k for k in weights if "lora_A" in k)
     weights[name] = torch.zeros(1, 1)  # same file layout, wrong shape
     save_file(weights, str(path))
-    served = interactions.log_post(rt, "bent", text).prediction
+    served = logger.log_post(rt, "bent", text).prediction
     assert served.adapter_version is None
     base = rt.predictor.predict(text, None, None)
     assert served.probabilities == pytest.approx(base.probabilities, abs=1e-5)
-    assert interactions.log_post(rt, "moved", text).prediction.adapter_version == 1  # the slot still works
+    assert logger.log_post(rt, "moved", text).prediction.adapter_version == 1  # the slot still works
 
     with Session(rt.engine) as s:
         row = registry.active(s, "moved")
         row.metrics = {**row.metrics, "base_model": "fused-another-base"}
         s.add(row)
         s.commit()
-    assert interactions.log_post(rt, "moved", text).prediction.adapter_version is None
+    assert logger.log_post(rt, "moved", text).prediction.adapter_version is None
     _teach(rt, "moved", SARCASTIC_TRAIN[4:5], "negative")
     result = next(r for r in run_night(rt).results if r.user_id == "moved")
     assert result.metrics["n_new"] == 5  # all of the user's feedback, not just tonight's one
@@ -175,9 +175,9 @@ def test_anchored_ewc_and_lwf_hold_the_model_near_its_start(night_rt):
     from avalanche.training.plugins import EvaluationPlugin
     from avalanche.training.supervised import Naive
 
-    from continual.experiences import ExampleTable, IndexedModel
-    from continual.regularizers import AnchoredEWC, anchored_lwf
-    from memory.replay import Example
+    from nightowl.continual.experiences import ExampleTable, IndexedModel
+    from nightowl.continual.regularizers import AnchoredEWC, anchored_lwf
+    from nightowl.memory.replay import Example
 
     kit = night_rt.personal
     examples = [Example(id=i + 1, text=t, aspect=None, label="negative") for i, t in enumerate(SARCASTIC_TRAIN[:8])]
@@ -226,7 +226,7 @@ def test_prior_correction_is_folded_into_the_head_once(tmp_path, predictor):
     rt.update_config = UpdateConfig(epochs=1, lr=0.0, n_global=0, min_new_for_holdout=100)  # no learning: bookkeeping only
     base_bias = predictor.pristine.head.bias.detach().clone()
     prior = predictor.config.training["label_prior"]
-    interactions.create_user(rt, "neg")
+    logger.create_user(rt, "neg")
     _teach(rt, "neg", SARCASTIC_TRAIN[:10], "negative")
     assert run_night(rt).counts() == {"promoted": 1}
     bias1, adj1 = _head_bias(rt, "neg")
@@ -248,8 +248,8 @@ def test_prior_counts_the_answers_a_user_let_stand(tmp_path, predictor):
     """Feedback is mostly correction: posts the user never corrected count with the answer served."""
     rt = Runtime(make_settings(tmp_path / "home"), predictor=predictor)
     rt.update_config = UpdateConfig(epochs=1, lr=0.0, n_global=0, min_new_for_holdout=100)
-    interactions.create_user(rt, "mild")
-    served = [interactions.log_post(rt, "mild", t).prediction.label for t in SARCASTIC_TEST + ["The museum is open until six"]]
+    logger.create_user(rt, "mild")
+    served = [logger.log_post(rt, "mild", t).prediction.label for t in SARCASTIC_TEST + ["The museum is open until six"]]
     _teach(rt, "mild", SARCASTIC_TRAIN[:4], "negative")
     assert run_night(rt).counts() == {"promoted": 1}
     _, adj = _head_bias(rt, "mild")
@@ -263,10 +263,10 @@ def test_prior_counts_the_answers_a_user_let_stand(tmp_path, predictor):
 def test_rollback_and_failure_isolation(night_rt):
     rt = night_rt
     for u in ("a1", "a2"):
-        interactions.create_user(rt, u)
+        logger.create_user(rt, u)
         _teach(rt, u, SARCASTIC_TRAIN[:6], "negative")
 
-    from continual.update import update_user
+    from nightowl.continual.update import update_user
 
     def flaky(rt_, job):
         if job.user_id == "a1":
@@ -284,27 +284,27 @@ def test_rollback_and_failure_isolation(night_rt):
     # a1's work is redone by the next night.
     assert {r.user_id: r.status for r in run_night(rt).results} == {"a1": RunStatus.promoted}
 
-    listing = interactions.list_adapters(rt, "a2")
+    listing = logger.list_adapters(rt, "a2")
     assert listing.active_version == 1
-    back = interactions.rollback_adapter(rt, "a2", None)
+    back = logger.rollback_adapter(rt, "a2", None)
     assert back.active_version is None
-    assert interactions.log_post(rt, "a2", "hello").prediction.adapter_version is None
-    again = interactions.rollback_adapter(rt, "a2", 1)
+    assert logger.log_post(rt, "a2", "hello").prediction.adapter_version is None
+    again = logger.rollback_adapter(rt, "a2", 1)
     assert again.active_version == 1
-    assert interactions.log_post(rt, "a2", "hello").prediction.adapter_version == 1
+    assert logger.log_post(rt, "a2", "hello").prediction.adapter_version == 1
     with pytest.raises(Exception):
-        interactions.rollback_adapter(rt, "a2", 99)
+        logger.rollback_adapter(rt, "a2", 99)
 
 
 def test_delete_user_removes_rows_vectors_adapters(night_rt):
     rt = night_rt
-    interactions.create_user(rt, "gone")
+    logger.create_user(rt, "gone")
     _teach(rt, "gone", SARCASTIC_TRAIN[:5], "negative")
     run_night(rt)
     memory_file = rt.replay_memory.user_path("gone")
     adapter_dir = registry.user_dir(rt.settings.adapters_dir, "gone")
     assert memory_file.exists() and adapter_dir.exists()
-    interactions.delete_user(rt, "gone")
+    logger.delete_user(rt, "gone")
     assert not memory_file.exists() and not adapter_dir.exists()
     with Session(rt.engine) as s:
         assert s.exec(select(func.count()).select_from(Feedback).where(Feedback.user_id == "gone")).one() == 0
@@ -315,7 +315,7 @@ def test_kill_9_during_nightly_changes_nothing(tmp_path, predictor):
     """A killed night leaves every active adapter as it was and loses no feedback; the next run finishes."""
     home = tmp_path / "home"
     rt = Runtime(make_settings(home), predictor=predictor)
-    interactions.create_user(rt, "k")
+    logger.create_user(rt, "k")
     _teach(rt, "k", SARCASTIC_TRAIN[:6], "negative")
     assert run_night(rt).counts() == {"promoted": 1}
     _teach(rt, "k", SARCASTIC_TRAIN[6:], "negative")
@@ -349,7 +349,7 @@ def test_kill_9_during_nightly_changes_nothing(tmp_path, predictor):
 
 
 def test_scheduler_persists_one_job(tmp_path, predictor):
-    from scheduler.nightly import JOB_ID, MISFIRE_GRACE_S, build_scheduler
+    from nightowl.scheduler.nightly import JOB_ID, MISFIRE_GRACE_S, build_scheduler
 
     rt = Runtime(make_settings(tmp_path / "home", nightly_time="03:15"), predictor=predictor)
     for _ in range(2):  # a restart replaces the job instead of adding a second one

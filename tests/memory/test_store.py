@@ -10,8 +10,8 @@ from PIL import Image
 from sqlalchemy import text
 from sqlmodel import Session, func, select
 
-from memory.models import Feedback, Post, Prediction, RationaleJob
-from nightowl import interactions
+from nightowl.memory.models import Feedback, Post, Prediction, RationaleJob
+from nightowl.day import logger
 from nightowl.errors import Conflict, InvalidInput, NotFound
 
 
@@ -27,8 +27,8 @@ def _count(rt, model) -> int:
 
 
 def test_post_is_stored_with_its_prediction(runtime):
-    interactions.create_user(runtime, "alice")
-    out = interactions.log_post(runtime, "alice", "$T$ is everything #MCM", aspect="Chuck Bass")
+    logger.create_user(runtime, "alice")
+    out = logger.log_post(runtime, "alice", "$T$ is everything #MCM", aspect="Chuck Bass")
     assert out.prediction.label in runtime.labels
     assert set(out.prediction.probabilities) == set(runtime.labels)
     assert abs(sum(out.prediction.probabilities.values()) - 1) < 1e-4
@@ -42,10 +42,10 @@ def test_post_is_stored_with_its_prediction(runtime):
 
 
 def test_image_is_content_addressed_and_features_cached(runtime):
-    interactions.create_user(runtime, "bob")
+    logger.create_user(runtime, "bob")
     data = _jpeg()
-    a = interactions.log_post(runtime, "bob", "look at $T$", aspect="this", image=data)
-    b = interactions.log_post(runtime, "bob", "again $T$", aspect="this", image=data)
+    a = logger.log_post(runtime, "bob", "look at $T$", aspect="this", image=data)
+    b = logger.log_post(runtime, "bob", "again $T$", aspect="this", image=data)
     assert a.image_sha256 == b.image_sha256 and len(a.image_sha256) == 64
     blob = runtime.images.path(a.image_sha256)
     assert blob.read_bytes() == data
@@ -64,23 +64,23 @@ def test_image_is_content_addressed_and_features_cached(runtime):
 
 
 def test_feedback_idempotency_and_conflict(runtime):
-    interactions.create_user(runtime, "carol")
-    post = interactions.log_post(runtime, "carol", "so great, another Monday", aspect="Monday")
-    first = interactions.log_feedback(runtime, "carol", post.post_id, "negative", "sarcasm", "k1")
-    again = interactions.log_feedback(runtime, "carol", post.post_id, "negative", "sarcasm", "k1")
+    logger.create_user(runtime, "carol")
+    post = logger.log_post(runtime, "carol", "so great, another Monday", aspect="Monday")
+    first = logger.log_feedback(runtime, "carol", post.post_id, "negative", "sarcasm", "k1")
+    again = logger.log_feedback(runtime, "carol", post.post_id, "negative", "sarcasm", "k1")
     assert not first.duplicate and again.duplicate
     assert again.feedback_id == first.feedback_id
     assert _count(runtime, Feedback) == 1
     with pytest.raises(Conflict):
-        interactions.log_feedback(runtime, "carol", post.post_id, "positive", None, "k1")
+        logger.log_feedback(runtime, "carol", post.post_id, "positive", None, "k1")
     # No key: each call is a new feedback row with a generated key.
-    c = interactions.log_feedback(runtime, "carol", post.post_id, "neutral")
+    c = logger.log_feedback(runtime, "carol", post.post_id, "neutral")
     assert len(c.idempotency_key) == 32 and _count(runtime, Feedback) == 2
 
 
 def test_concurrent_retries_store_feedback_once(runtime):
-    interactions.create_user(runtime, "dave")
-    post = interactions.log_post(runtime, "dave", "what a day", aspect=None)
+    logger.create_user(runtime, "dave")
+    post = logger.log_post(runtime, "dave", "what a day", aspect=None)
     errors: list[Exception] = []
     barrier = threading.Barrier(6)
 
@@ -88,7 +88,7 @@ def test_concurrent_retries_store_feedback_once(runtime):
         try:
             barrier.wait()
             for k in range(5):  # every thread retries the same five keys
-                interactions.log_feedback(runtime, "dave", post.post_id, "positive", None, f"key-{k}")
+                logger.log_feedback(runtime, "dave", post.post_id, "positive", None, f"key-{k}")
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -102,40 +102,40 @@ def test_concurrent_retries_store_feedback_once(runtime):
 
 
 def test_bad_input_writes_nothing(runtime):
-    interactions.create_user(runtime, "erin")
+    logger.create_user(runtime, "erin")
     before = (_count(runtime, Post), _count(runtime, Prediction), _count(runtime, Feedback))
     with pytest.raises(NotFound):
-        interactions.log_post(runtime, "nobody", "hi")
+        logger.log_post(runtime, "nobody", "hi")
     with pytest.raises(InvalidInput):
-        interactions.log_post(runtime, "erin", "   ")
+        logger.log_post(runtime, "erin", "   ")
     with pytest.raises(InvalidInput):
-        interactions.log_post(runtime, "erin", "x" * (runtime.settings.limits.max_text_chars + 1))
+        logger.log_post(runtime, "erin", "x" * (runtime.settings.limits.max_text_chars + 1))
     with pytest.raises(InvalidInput):
-        interactions.log_post(runtime, "erin", "hello", image=b"\x89PNG\r\n\x1a\n garbage")
+        logger.log_post(runtime, "erin", "hello", image=b"\x89PNG\r\n\x1a\n garbage")
     with pytest.raises(InvalidInput):
-        interactions.log_post(runtime, "../etc", "hello")
+        logger.log_post(runtime, "../etc", "hello")
     with pytest.raises(InvalidInput):
-        interactions.log_feedback(runtime, "erin", 1, "ecstatic")
+        logger.log_feedback(runtime, "erin", 1, "ecstatic")
     with pytest.raises(NotFound):
-        interactions.log_feedback(runtime, "erin", 999_999, "positive")
+        logger.log_feedback(runtime, "erin", 999_999, "positive")
     assert (_count(runtime, Post), _count(runtime, Prediction), _count(runtime, Feedback)) == before
 
 
 def test_users_cannot_touch_each_others_posts(runtime):
-    interactions.create_user(runtime, "u1")
-    interactions.create_user(runtime, "u2")
-    post = interactions.log_post(runtime, "u1", "mine")
+    logger.create_user(runtime, "u1")
+    logger.create_user(runtime, "u2")
+    post = logger.log_post(runtime, "u1", "mine")
     with pytest.raises(NotFound):
-        interactions.log_feedback(runtime, "u2", post.post_id, "positive")
-    assert interactions.list_posts(runtime, "u2").total == 0
+        logger.log_feedback(runtime, "u2", post.post_id, "positive")
+    assert logger.list_posts(runtime, "u2").total == 0
 
 
 def test_listing_is_newest_first_with_feedback(runtime):
-    interactions.create_user(runtime, "frank")
-    ids = [interactions.log_post(runtime, "frank", f"post {i}").post_id for i in range(5)]
-    interactions.log_feedback(runtime, "frank", ids[1], "negative", "not funny", "a")
-    interactions.log_feedback(runtime, "frank", ids[1], "neutral", None, "b")
-    page = interactions.list_posts(runtime, "frank", limit=3, offset=1)
+    logger.create_user(runtime, "frank")
+    ids = [logger.log_post(runtime, "frank", f"post {i}").post_id for i in range(5)]
+    logger.log_feedback(runtime, "frank", ids[1], "negative", "not funny", "a")
+    logger.log_feedback(runtime, "frank", ids[1], "neutral", None, "b")
+    page = logger.list_posts(runtime, "frank", limit=3, offset=1)
     assert page.total == 5
     assert [p.post_id for p in page.items] == [ids[3], ids[2], ids[1]]
     fb = page.items[2].feedback
@@ -144,17 +144,17 @@ def test_listing_is_newest_first_with_feedback(runtime):
 
 
 def test_post_idempotency_key(runtime):
-    interactions.create_user(runtime, "gina")
-    a = interactions.log_post(runtime, "gina", "retry me", idempotency_key="p1")
-    b = interactions.log_post(runtime, "gina", "retry me", idempotency_key="p1")
+    logger.create_user(runtime, "gina")
+    a = logger.log_post(runtime, "gina", "retry me", idempotency_key="p1")
+    b = logger.log_post(runtime, "gina", "retry me", idempotency_key="p1")
     assert b.duplicate and b.post_id == a.post_id and _count(runtime, Post) == 1
     with pytest.raises(Conflict):
-        interactions.log_post(runtime, "gina", "something else", idempotency_key="p1")
+        logger.log_post(runtime, "gina", "something else", idempotency_key="p1")
 
 
 def test_rationale_job_queued_only_with_a_provider(runtime):
-    interactions.create_user(runtime, "hank")
-    interactions.log_post(runtime, "hank", "no provider configured")
+    logger.create_user(runtime, "hank")
+    logger.log_post(runtime, "hank", "no provider configured")
     assert _count(runtime, RationaleJob) == 0
 
 

@@ -15,9 +15,9 @@ from sqlalchemy import func
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from memory.db import session_scope
-from memory.images import ImageRejected
-from memory.models import Feedback, JobStatus, Post, Prediction, Rationale, RationaleJob, User
+from nightowl.memory.db import session_scope
+from nightowl.memory.images import ImageRejected
+from nightowl.memory.models import Feedback, JobStatus, Post, Prediction, Rationale, RationaleJob, User
 from nightowl.auth import hash_token, new_token, validate_user_id
 from nightowl.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge
 from nightowl.runtime import Runtime
@@ -340,8 +340,8 @@ def delete_user(rt: Runtime, user_id: str) -> dict[str, int]:
     """Remove a user everywhere: rows, replay vectors, adapters, and images no one else posted."""
     from sqlmodel import delete
 
-    from adapters import registry
-    from memory.models import AdapterVersion, TrainingRun
+    from nightowl.adapters import registry
+    from nightowl.memory.models import AdapterVersion, TrainingRun
 
     with session_scope(rt.engine) as s:
         require_user(s, user_id)
@@ -368,7 +368,7 @@ def delete_user(rt: Runtime, user_id: str) -> dict[str, int]:
 # --- adapters ----------------------------------------------------------------------------
 
 def list_adapters(rt: Runtime, user_id: str) -> "AdapterList":
-    from adapters import registry
+    from nightowl.adapters import registry
     from nightowl.schemas import AdapterList, AdapterOut
 
     with session_scope(rt.engine) as s:
@@ -390,7 +390,7 @@ def list_adapters(rt: Runtime, user_id: str) -> "AdapterList":
 
 
 def rollback_adapter(rt: Runtime, user_id: str, version: int | None) -> "AdapterList":
-    from adapters import registry
+    from nightowl.adapters import registry
 
     with session_scope(rt.engine) as s:
         require_user(s, user_id)
@@ -401,7 +401,7 @@ def rollback_adapter(rt: Runtime, user_id: str, version: int | None) -> "Adapter
 def export_adapter(rt: Runtime, user_id: str, version: int | None, dest) -> dict:
     from pathlib import Path
 
-    from adapters import registry
+    from nightowl.adapters import registry
 
     dest = Path(dest)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
