@@ -9,9 +9,6 @@ by default), so a folder trained over another encoder names it.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from nightowl.adapters.config import FusionConfig
 from nightowl.adapters.encoders import load_text_encoder
 from nightowl.adapters.fusion import RationaleFusedClassifier
+from nightowl.io import atomic_folder
 
 SHIPPED_BASE = Path(__file__).parent / "base_model"
 ENCODER_LORA = "encoder_lora"
@@ -31,6 +29,7 @@ def build_model(config: FusionConfig) -> RationaleFusedClassifier:
     """A fresh model: the pretrained encoder, untrained fusion and head."""
     encoder = load_text_encoder(config.text_model)
     config.hidden = int(encoder.config.hidden_size)
+    config.validate()  # `heads` must divide the encoder's width, known only now
     return RationaleFusedClassifier(config, encoder)
 
 
@@ -52,21 +51,15 @@ def fusion_state(model: RationaleFusedClassifier) -> dict[str, torch.Tensor]:
 
 
 def save_base(model: RationaleFusedClassifier, folder: Path) -> None:
-    """Write a base model folder atomically (temp folder + rename)."""
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
+    """Write a base model folder atomically (temp folder, fsync, rename); an older one is replaced."""
+
+    def fill(tmp: Path) -> None:
         model.config.save(tmp)
         if isinstance(model.encoder, PeftModel):
             model.encoder.save_pretrained(tmp / ENCODER_LORA)
         save_file(fusion_state(model), str(tmp / FUSION_FILE))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic_folder(Path(folder), fill, replace=True)
 
 
 def load_base_model(model_dir: Path | str | None = None, settings=None) -> RationaleFusedClassifier:

@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from nightowl.io import atomic_write
+
 TOMBERT_COLUMNS = 5  # index, label, image_id, tweet, aspect
 TOMBERT_LABELS = ["negative", "neutral", "positive"]  # 0, 1, 2
 
@@ -85,8 +87,6 @@ def image_features(rows: list[Row], images_dir: Path | None, encoder, cache_file
         for i, feats in zip(chunk, encoder.encode_batch(images)):
             cache[i] = feats.to(torch.float16)
     if todo and cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
-        save_file({**cache, "__encoder__": torch.zeros(1)}, str(tmp), metadata={"encoder_id": encoder.encoder_id})
-        tmp.replace(cache_file)
+        stored = {**cache, "__encoder__": torch.zeros(1)}
+        atomic_write(cache_file, lambda tmp: save_file(stored, str(tmp), metadata={"encoder_id": encoder.encoder_id}))
     return cache

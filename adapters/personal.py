@@ -1,6 +1,6 @@
 """Per-user adapters over the base model: building trainable copies and running them on examples.
 
-The night side (continual/) works with `nightowl.memory.replay.Example` rows; this kit turns them into
+The night side (continual/) works with `nightowl.memory.examples.Example` rows; this kit turns them into
 model inputs (cached image features, stored rationales) and gives it LoRA-wrapped copies of the
 base model to train, so continual/ never touches the model's internals.
 """
@@ -20,8 +20,8 @@ from nightowl.adapters.checkpoint import user_lora_config
 from nightowl.adapters.inputs import ModelInput
 from nightowl.adapters.predictor import Predictor
 from nightowl.adapters.train import scores
+from nightowl.memory.examples import Example
 from nightowl.memory.images import ImageStore
-from nightowl.memory.replay import Example
 
 
 class PersonalKit:
@@ -72,7 +72,7 @@ class PersonalKit:
             pred += self.logits(model, examples[start : start + 64]).argmax(-1).cpu().tolist()
         model.train(was)
         s = scores([self.labels.index(e.label) for e in examples], pred, len(self.labels))
-        return {"accuracy": s["accuracy"] / 100, "macro_f1": s["macro_f1"] / 100}
+        return {"accuracy": s["accuracy"], "macro_f1": s["macro_f1"]}
 
     # -- the user's label prior (label-shift correction) ----------------------------------------
     @property

@@ -18,7 +18,7 @@ from nightowl.adapters.encoders import ImageEncoder, load_tokenizer, pick_device
 from nightowl.adapters.inputs import Batcher, ModelInput
 from nightowl.adapters.serving import AdapterCache, AdapterUnavailable
 
-__all__ = ["AdapterRef", "Prediction", "Predictor", "load_base_model"]
+__all__ = ["AdapterRef", "ModelPrediction", "Predictor", "load_base_model"]
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,11 @@ class AdapterRef:
 
 
 @dataclass
-class Prediction:
+class ModelPrediction:
+    """What the model answers for one input (label, probabilities, the adapter version that
+    answered: None = the base). Not to be confused with `nightowl.memory.models.Prediction`, the
+    stored row of what was served for a post."""
+
     label: str
     probabilities: dict[str, float]
     adapter_version: int | None
@@ -90,14 +94,14 @@ class Predictor:
         return f"fused-{model_digest(self.model_dir)[:16]}"
 
     # -- prediction ---------------------------------------------------------------------------
-    def _to_prediction(self, probs: torch.Tensor, adapter: AdapterRef | None) -> Prediction:
+    def _to_prediction(self, probs: torch.Tensor, adapter: AdapterRef | None) -> ModelPrediction:
         values = [round(float(p), 6) for p in probs]
         best = int(torch.argmax(probs))
-        return Prediction(self.labels[best], dict(zip(self.labels, values)), adapter.version if adapter else None)
+        return ModelPrediction(self.labels[best], dict(zip(self.labels, values)), adapter.version if adapter else None)
 
     @torch.inference_mode()
-    def predict_inputs(self, items: list[ModelInput], adapter: AdapterRef | None = None, batch_size: int = 64) -> list[Prediction]:
-        out: list[Prediction] = []
+    def predict_inputs(self, items: list[ModelInput], adapter: AdapterRef | None = None, batch_size: int = 64) -> list[ModelPrediction]:
+        out: list[ModelPrediction] = []
         for start in range(0, len(items), batch_size):
             batch = self.batcher(items[start : start + batch_size])
             try:
@@ -125,7 +129,7 @@ class Predictor:
         user_id: str | None = None,  # kept for logging/tracing; the adapter names the model
         context: str | None = None,
         adapter: AdapterRef | None = None,
-    ) -> Prediction:
+    ) -> ModelPrediction:
         item = ModelInput(text=text, aspect=aspect, context=context, image_features=image_features, rationale=rationale)
         return self.predict_inputs([item], adapter)[0]
 

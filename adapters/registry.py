@@ -9,17 +9,16 @@ changed in one transaction (old active -> retired, new -> active).
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 from sqlalchemy import func
 from sqlmodel import Session, col, select
 
-from nightowl.memory.models import AdapterStatus, AdapterVersion, User
 from nightowl.errors import Conflict, InvalidInput, NotFound
+from nightowl.io import atomic_folder
+from nightowl.memory.models import AdapterStatus, AdapterVersion, User
 
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
@@ -69,23 +68,16 @@ def get(session: Session, user_id: str, version: int) -> AdapterVersion:
 def write_version_files(adapters_root: Path, user_id: str, version: int, save: Callable[[Path], None]) -> str:
     """Have `save(folder)` write the PEFT files into a temp folder, then rename it into place."""
     rel = version_relpath(user_id, version)
-    final = adapters_root / rel
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
-    try:
+
+    def fill(tmp: Path) -> None:
         save(tmp)
         missing = [f for f in PEFT_FILES if not (tmp / f).exists()]
         if missing:
             raise RuntimeError(f"adapter save wrote no {missing}")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        if final.exists():  # left by a run killed after the rename but before its row was written
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    # replace=True: a folder already at this version was left by a run killed after the rename
+    # but before its row was written (versions are numbered from the rows), so it is debris.
+    atomic_folder(adapters_root / rel, fill, replace=True)
     return rel
 
 

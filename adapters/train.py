@@ -12,8 +12,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nightowl.adapters.checkpoint import ENCODER_LINEAR_LAYERS, build_model, save_base, with_encoder_lora
-from nightowl.adapters.config import FusionConfig
+from nightowl.adapters.checkpoint import (
+    ENCODER_LINEAR_LAYERS,
+    build_model,
+    save_base,
+    with_encoder_lora,
+)
+from nightowl.adapters.config import (
+    FusionConfig,
+    check_dict,
+    check_int,
+    check_number,
+    check_str,
+    check_str_list,
+)
 from nightowl.adapters.encoders import load_tokenizer, pick_device
 from nightowl.adapters.fusion import RationaleFusedClassifier, distillation_loss
 from nightowl.adapters.inputs import Batcher, ModelInput
@@ -23,20 +35,48 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainRecipe:
-    epochs: int = 4
-    batch_size: int = 16
-    lr_encoder: float = 5e-4  # LoRA on the encoder
-    lr_fusion: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_fraction: float = 0.1
-    seed: int = 0
-    encoder_lora_r: int = 16
-    encoder_lora_targets: list[str] | str = ENCODER_LINEAR_LAYERS
-    label_smoothing: float = 0.0
-    extra: dict = field(default_factory=dict)
+    """How the base model is trained (saved in its config's provenance as `training.recipe`)."""
+
+    epochs: int = field(default=4, metadata={"help": "Passes over the training data (>= 1); with `select`, the best epoch is kept."})
+    batch_size: int = field(default=16, metadata={"help": "Examples per optimiser step (>= 1)."})
+    lr_encoder: float = field(default=5e-4, metadata={"help": "Learning rate (>= 0) of the encoder's LoRA."})
+    lr_fusion: float = field(default=1e-3, metadata={"help": "Learning rate (>= 0) of the fusion layers and the head."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (>= 0)."})
+    warmup_fraction: float = field(
+        default=0.1, metadata={"help": "Share of the steps, in [0, 1], over which the learning rate warms up linearly."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the shuffling, the dropouts and the new layers' weights."})
+    encoder_lora_r: int = field(default=16, metadata={"help": "LoRA rank (>= 1) on the encoder during base training."})
+    encoder_lora_targets: list[str] | str = field(
+        default=ENCODER_LINEAR_LAYERS,
+        metadata={"help": "Encoder modules that get LoRA: a regex over module names or a list of names (peft `target_modules`)."},
+    )
+    label_smoothing: float = field(default=0.0, metadata={"help": "Cross-entropy label smoothing, in [0, 1]."})
+    extra: dict = field(default_factory=dict, metadata={"help": "Free-form notes kept with the recipe (not read by training)."})
+
+    def __post_init__(self) -> None:
+        own = type(self).__name__
+        check_int(own, "epochs", self.epochs, 1)
+        check_int(own, "batch_size", self.batch_size, 1)
+        for name in ("lr_encoder", "lr_fusion", "weight_decay"):
+            check_number(own, name, getattr(self, name), 0.0)
+        check_number(own, "warmup_fraction", self.warmup_fraction, 0.0, 1.0)
+        check_int(own, "seed", self.seed, 0)
+        check_int(own, "encoder_lora_r", self.encoder_lora_r, 1)
+        if isinstance(self.encoder_lora_targets, str):
+            check_str(own, "encoder_lora_targets", self.encoder_lora_targets)
+        else:
+            check_str_list(own, "encoder_lora_targets", self.encoder_lora_targets, min_len=1)
+        check_number(own, "label_smoothing", self.label_smoothing, 0.0, 1.0)
+        check_dict(own, "extra", self.extra)
 
 
 def scores(gold: list[int], pred: list[int], n_labels: int) -> dict:
+    """Accuracy and macro-F1 as fractions in [0, 1], the confusion matrix (rows: gold) and n.
+
+    The one scoring function of the project (base training, the benchmarks and the night's gate
+    all use it). What prints or stores percent multiplies by 100 where it reports.
+    """
     gold_a, pred_a = np.array(gold), np.array(pred)
     f1s = []
     # Macro over the classes present in gold or prediction (sklearn's convention): a user whose
@@ -47,7 +87,7 @@ def scores(gold: list[int], pred: list[int], n_labels: int) -> dict:
         fn = int(((gold_a == c) & (pred_a != c)).sum())
         f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
     confusion = [[int(((gold_a == g) & (pred_a == p)).sum()) for p in range(n_labels)] for g in range(n_labels)]
-    return {"accuracy": 100 * float((gold_a == pred_a).mean()), "macro_f1": 100 * float(np.mean(f1s)), "confusion": confusion, "n": len(gold)}
+    return {"accuracy": float((gold_a == pred_a).mean()), "macro_f1": float(np.mean(f1s)), "confusion": confusion, "n": len(gold)}
 
 
 @torch.inference_mode()
@@ -62,6 +102,7 @@ def predict_logits(model: torch.nn.Module, batcher: Batcher, items: list[ModelIn
 
 
 def evaluate_items(model, batcher: Batcher, items: list[ModelInput], gold: list[int]) -> dict:
+    """`scores` (fractions) of a model on labelled inputs."""
     logits = predict_logits(model, batcher, items)
     return scores(gold, logits.argmax(-1).tolist(), len(batcher.config.labels))
 
@@ -122,9 +163,10 @@ def train_base_model(
         entry = {"epoch": epoch + 1, "seconds": round(seconds, 1), "train_loss": total / len(train)}
         if select:
             sel = evaluate_items(model, batcher, [s[0] for s in select], [s[1] for s in select])
-            entry.update(select_accuracy=sel["accuracy"], select_macro_f1=sel["macro_f1"])
-            if sel["macro_f1"] > best:
-                best = sel["macro_f1"]
+            # Percent: the report is printed and stored (the config's provenance, benchmark files).
+            entry.update(select_accuracy=100 * sel["accuracy"], select_macro_f1=100 * sel["macro_f1"])
+            if entry["select_macro_f1"] > best:
+                best = entry["select_macro_f1"]
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         log.info("epoch %s", entry)
         print(f"epoch {entry}", flush=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nightowl.io import atomic_write_text
 from nightowl.memory.vector_index import VectorIndex, gpu_available
 
 RESULTS = Path(__file__).parent / "results" / "faiss_memory.json"
@@ -94,7 +95,7 @@ def main() -> None:
         "notes": "bytes_per_example includes ids and labels; a flat index stores 4*dim bytes per vector plus its id.",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -23,13 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.nightly_cost import sample_texts, seed_user
 from nightowl.adapters import registry
 from nightowl.adapters.predictor import AdapterRef, Predictor
-from benchmarks.nightly_cost import sample_texts, seed_user
+from nightowl.auth import hash_token
 from nightowl.continual.night import run_night
+from nightowl.io import atomic_write_text
 from nightowl.memory.db import session_scope
 from nightowl.memory.models import AdapterStatus, AdapterVersion, User
-from nightowl.auth import hash_token
 from nightowl.runtime import Runtime
 from nightowl.settings import Settings
 
@@ -117,7 +118,7 @@ def main() -> None:
         "adapter_bytes": adapter_bytes,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

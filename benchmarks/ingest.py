@@ -24,6 +24,7 @@ import httpx
 from PIL import Image
 
 from nightowl.devserver import ServerProcess
+from nightowl.io import atomic_write_text
 
 ADMIN = "bench-admin-token"
 RESULTS = Path(__file__).parent / "results" / "ingest.json"
@@ -160,7 +161,7 @@ def main() -> None:
         "notes": "Clients and server share this machine's cores; latencies are client-measured round trips.",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

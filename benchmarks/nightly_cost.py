@@ -24,6 +24,7 @@ import torch
 
 from nightowl.continual.night import run_night
 from nightowl.day import logger
+from nightowl.io import atomic_write_text
 from nightowl.runtime import Runtime
 from nightowl.settings import Settings
 
@@ -102,7 +103,7 @@ def main() -> None:
         "users_per_hour": round(3600 / median, 1),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    atomic_write_text(out, json.dumps(result, indent=2, default=str) + "\n")
     print(json.dumps(result, indent=2, default=str))
 
 

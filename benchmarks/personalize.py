@@ -35,13 +35,13 @@ import typer
 from avalanche.evaluation.metrics import BWT, Forgetting
 
 from benchmarks.stream import Stream, StreamError, StreamRow, read_stream
-
 from nightowl.adapters.config import FusionConfig
 from nightowl.adapters.inputs import ModelInput
 from nightowl.adapters.predictor import model_digest
 from nightowl.adapters.train import TrainRecipe, scores, train_base_model
 from nightowl.continual.night import run_night
 from nightowl.day import logger
+from nightowl.io import atomic_write_text
 from nightowl.runtime import Runtime
 from nightowl.settings import LimitSettings, Settings, UpdateConfig
 
@@ -95,7 +95,7 @@ class Inputs:
 
 def score(pred_labels: list[str], rows: list[StreamRow], labels: list[str]) -> dict:
     s = scores([labels.index(r.label) for r in rows], [labels.index(p) for p in pred_labels], len(labels))
-    return {"accuracy": s["accuracy"], "macro_f1": s["macro_f1"], "n": s["n"]}
+    return {"accuracy": 100 * s["accuracy"], "macro_f1": 100 * s["macro_f1"], "n": s["n"]}  # percent, as reported
 
 
 def read_image(path: str | None) -> bytes | None:
@@ -135,9 +135,7 @@ def write_global_replay(stream: Stream, cfg: BenchConfig, n: int = 300) -> Path 
     rows = random.Random(cfg.seed).sample(stream.base, min(n, len(stream.base)))
     path = cfg.work / f"global-{cfg.seed}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps({"text": r.text, "context": r.context, "aspect": r.aspect, "label": r.label}) + "\n" for r in rows))
-    tmp.replace(path)
+    atomic_write_text(path, "".join(json.dumps({"text": r.text, "context": r.context, "aspect": r.aspect, "label": r.label}) + "\n" for r in rows))
     return path
 
 
@@ -274,9 +272,7 @@ def run_row(name: str, stream_path: Path, users: list[str], base_dir: Path, glob
     out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     out = json.loads(json.dumps(out))  # as the cache will give it back (int keys become strings)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out))
-    tmp.replace(cache)
+    atomic_write_text(cache, json.dumps(out))
     return name, out
 
 
@@ -437,9 +433,7 @@ def run(cfg: BenchConfig) -> dict:
     }
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     result["plots"] = plot(result, cfg.out)
-    tmp = cfg.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(cfg.out)
+    atomic_write_text(cfg.out, json.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -13,6 +13,8 @@ import json
 import re
 from pathlib import Path
 
+from nightowl.io import atomic_write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -137,9 +139,7 @@ def rewrite_readme(readme: Path = ROOT / "README.md") -> list[str]:
         text, n = pattern.subn(lambda m: m.group(1) + table + "\n" + m.group(2), text)
         if n:
             done.append(name)
-    tmp = readme.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(readme)
+    atomic_write_text(readme, text)
     return done
 
 

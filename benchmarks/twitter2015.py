@@ -30,10 +30,17 @@ from pathlib import Path
 import torch
 
 from nightowl.adapters.config import FusionConfig
-from nightowl.adapters.data import TOMBERT_LABELS, Row, attach_rationales, image_features, read_tombert_tsv
+from nightowl.adapters.data import (
+    TOMBERT_LABELS,
+    Row,
+    attach_rationales,
+    image_features,
+    read_tombert_tsv,
+)
 from nightowl.adapters.encoders import ImageEncoder, load_tokenizer
 from nightowl.adapters.inputs import Batcher, ModelInput
 from nightowl.adapters.train import TrainRecipe, evaluate_items, train_base_model
+from nightowl.io import atomic_write_text
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "twitter2015"
 WORK = Path(__file__).resolve().parent / "work"
@@ -108,8 +115,8 @@ def run_row(name: str, seed: int, epochs: int, data: dict, feats: dict, recipe: 
             lat.append((time.perf_counter() - t) * 1000)
     return {
         "seed": seed,
-        "accuracy": result["accuracy"],
-        "macro_f1": result["macro_f1"],
+        "accuracy": 100 * result["accuracy"],  # percent in the results file
+        "macro_f1": 100 * result["macro_f1"],
         "confusion": result["confusion"],
         "epoch_seconds": [e["seconds"] for e in report["epochs"]],
         "selected_epoch": report.get("selected_epoch"),
@@ -195,8 +202,8 @@ def ensemble_row(name: str, seeds: list[int], data: dict, feats: dict, use_image
     result = scores([t[1] for t in test], torch.stack(probs).mean(0).argmax(-1).tolist(), len(TOMBERT_LABELS))
     return {
         "name": f"{name}_ensemble{len(seeds)}",
-        "accuracy_mean": round(result["accuracy"], 2),
-        "macro_f1_mean": round(result["macro_f1"], 2),
+        "accuracy_mean": round(100 * result["accuracy"], 2),  # percent in the results file
+        "macro_f1_mean": round(100 * result["macro_f1"], 2),
         "ensemble_of": [f"{name}-seed{s}" for s in seeds],
         "confusion": result["confusion"],
         "command": f"python -m benchmarks.twitter2015 --rows --ensemble {name} --seeds {' '.join(map(str, seeds))}",
@@ -220,10 +227,7 @@ def _write(out_path: Path, rows: dict, data: dict, n_rat: int) -> None:
         "peak_rss_mb": max([_peak_rss_mb()] + [r["peak_rss_mb"] for r in rows.values() if r.get("peak_rss_mb")]),
         "rows": list(rows.values()) + PUBLISHED,
     }
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=2) + "\n")
-    tmp.replace(out_path)
+    atomic_write_text(out_path, json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,9 @@ Avalanche wants datasets of (x, y, task) tensors. Our inputs are posts (text, as
 image features, rationale), so x is an index into an `ExampleTable` and `IndexedModel` turns a
 batch of indices into model inputs. That keeps avalanche's strategies and plugins (replay
 loaders, EWC, LwF, metrics) working unchanged on a multimodal model.
+
+Replay: nightowl's FAISS memory chooses tonight's replay (memory.replay); avalanche's
+ReplayPlugin mixes it into every training mini-batch (`FaissReplayPlugin`).
 """
 
 from __future__ import annotations
@@ -11,12 +14,13 @@ from __future__ import annotations
 import copy
 
 import torch
-from avalanche.benchmarks.utils.classification_dataset import _make_taskaware_tensor_classification_dataset
+from avalanche.benchmarks.utils.classification_dataset import (
+    _make_taskaware_tensor_classification_dataset,
+)
+from avalanche.training.plugins import ReplayPlugin
 from avalanche.training.storage_policy import ExemplarsBuffer
-from sqlmodel import Session, col, select
 
-from nightowl.memory.models import AdapterStatus, AdapterVersion, Feedback
-from nightowl.memory.replay import Example
+from nightowl.memory.examples import Example
 
 
 class ExampleTable:
@@ -79,24 +83,19 @@ class FaissReplayBuffer(ExemplarsBuffer):
         self.max_size = new_size
 
 
-def user_experiences(session: Session, user_id: str) -> list[tuple[int, list[int]]]:
-    """The user's earlier experiences: the feedback ids each promoted night trained on,
-    keyed by that night's last feedback id (avalanche's experience order)."""
-    versions = session.exec(
-        select(AdapterVersion)
-        .where(
-            AdapterVersion.user_id == user_id,
-            col(AdapterVersion.status).in_([AdapterStatus.active, AdapterStatus.retired]),
-            col(AdapterVersion.trained_through_feedback_id).is_not(None),
-        )
-        .order_by(col(AdapterVersion.trained_through_feedback_id))
-    ).all()
-    bounds = sorted({v.trained_through_feedback_id for v in versions})
-    ids = [
-        f.id for f in session.exec(select(Feedback).where(Feedback.user_id == user_id).order_by(col(Feedback.id)))
-    ]
-    out, low = [], 0
-    for high in bounds:
-        out.append((high, [i for i in ids if low < i <= high]))
-        low = high
-    return out
+class FaissReplayPlugin(ReplayPlugin):
+    """Avalanche's ReplayPlugin over tonight's FAISS selection: each training mini-batch of new
+    examples comes with as many drawn from the replay (avalanche's ReplayDataLoader).
+
+    ReplayPlugin (avalanche 0.6) ends an experience with the buffer's `update(strategy)`, which
+    0.6 deprecates and 0.7 removes ("switch to pre_adapt and post_adapt"), and which warns every
+    night. This plugin makes the call `update` forwards to, `post_adapt(strategy, experience)`,
+    itself: the same behaviour, no deprecated call, and nothing that breaks when `update` goes.
+    """
+
+    def __init__(self, replay_dataset, batch_size: int) -> None:
+        buffer = FaissReplayBuffer(replay_dataset)
+        super().__init__(mem_size=buffer.max_size, batch_size=batch_size, batch_size_mem=batch_size, storage_policy=buffer)
+
+    def after_training_exp(self, strategy, **kwargs) -> None:
+        self.storage_policy.post_adapt(strategy, strategy.experience)

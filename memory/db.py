@@ -9,9 +9,7 @@ from typing import Iterator
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine, make_url
-from sqlmodel import Session, SQLModel, create_engine
-
-from nightowl.memory import models  # noqa: F401  (registers the tables on SQLModel.metadata)
+from sqlmodel import Session, create_engine
 
 
 def make_engine(url: str) -> Engine:
@@ -50,10 +48,6 @@ def make_engine(url: str) -> Engine:
     # Other processes (a nightly run from the CLI) still meet busy_timeout.
     engine.nightowl_write_lock = threading.RLock()
     return engine
-
-
-def init_db(engine: Engine) -> None:
-    SQLModel.metadata.create_all(engine)
 
 
 @contextmanager

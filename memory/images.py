@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -20,6 +18,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from safetensors.torch import load_file, save_file
 
+from nightowl.io import atomic_write, atomic_write_bytes
+
 # MPO: the multi-picture JPEG many phone cameras write (Pillow reads its first frame).
 ALLOWED_FORMATS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "GIF": ".gif", "BMP": ".bmp"}
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -27,21 +27,6 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 class ImageRejected(ValueError):
     """The upload is not an image we accept; the message says why (shown to the client)."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same folder + rename: readers see all of it or none."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def decode_checked(data: bytes, max_bytes: int, max_pixels: int, max_side: int) -> Image.Image:
@@ -120,15 +105,7 @@ class ImageStore:
             # Stored blobs passed the checks on arrival; decoding one again is safe.
             image = Image.open(self._blob_path(sha)).convert("RGB")
         feats = encode(image).detach().to("cpu", torch.float32).contiguous()
-        fpath.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=fpath.parent, prefix=f".{fpath.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({"features": feats}, tmp)
-            os.replace(tmp, fpath)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(fpath, lambda tmp: save_file({"features": feats}, str(tmp)))
         return feats
 
     def delete(self, sha: str) -> None:

@@ -2,7 +2,8 @@
 
 Vectors come from the *frozen base model* (never from a user's adapter), so they stay valid
 while adapters change. A user's memory is a cache of the database: it is rebuilt or topped up
-from the store whenever it is missing or stale, and saved atomically.
+from the store (the examples `memory.night_queries.user_examples` reads) whenever it is missing
+or stale, and saved atomically (`nightowl.io`).
 
 Replay for a night = the nearest older examples of each new one (what the update is most
 likely to disturb) + a random share of the user's older examples + a few global examples.
@@ -20,72 +21,16 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-from sqlmodel import Session, col, select
 
-from nightowl.memory.models import Feedback, Post, Prediction, Rationale
+from nightowl.io import atomic_write_bytes
+from nightowl.memory.examples import Example
 from nightowl.memory.vector_index import VectorIndex
 
-
-@dataclass(frozen=True)
-class Example:
-    """A labelled example as the memory (and the trainer) sees it."""
-
-    id: int  # feedback id (> 0) for a user's example; -(position + 1) for a global one
-    text: str
-    aspect: str | None
-    label: str
-    image_sha256: str | None = None
-    context: str | None = None
-    rationale: str | None = None  # the post's stored rationale (training signal), if any
-
-
 EmbedFn = Callable[[Sequence[Example]], np.ndarray]
-
-
-def user_examples(session: Session, user_id: str, through_feedback_id: int | None = None) -> list[Example]:
-    """The user's labelled examples: the latest feedback on each post wins (a later correction
-    supersedes an earlier one), optionally only feedback up to an id (a night's cutoff)."""
-    q = select(Feedback, Post).join(Post, Post.id == Feedback.post_id).where(Feedback.user_id == user_id)
-    if through_feedback_id is not None:
-        q = q.where(Feedback.id <= through_feedback_id)
-    latest: dict[int, Example] = {}
-    rationales = {
-        r.post_id: r.text
-        for r in session.exec(
-            select(Rationale).join(Post, Post.id == Rationale.post_id).where(Post.user_id == user_id).order_by(col(Rationale.id))
-        )
-    }
-    for fb, post in session.exec(q.order_by(col(Feedback.id))):
-        latest[post.id] = Example(
-            id=fb.id,
-            text=post.text,
-            aspect=post.aspect,
-            label=fb.label,
-            image_sha256=post.image_sha256,
-            context=post.context,
-            rationale=rationales.get(post.id),
-        )
-    return sorted(latest.values(), key=lambda e: e.id)
-
-
-def served_labels_not_corrected(session: Session, user_id: str, cutoff: datetime, through_feedback_id: int) -> list[str]:
-    """The answers the user was served, for their posts up to `cutoff` that got no feedback up
-    to `through_feedback_id`. Feedback is mostly correction, so the labels a user gives are not a
-    fair sample of their posts; served answers they let stand are the rest of the picture."""
-    corrected = select(Feedback.post_id).where(Feedback.user_id == user_id, Feedback.id <= through_feedback_id)
-    rows = session.exec(
-        select(Prediction.post_id, Prediction.label)
-        .join(Post, Post.id == Prediction.post_id)
-        .where(Post.user_id == user_id, Post.created_at <= cutoff, col(Post.id).not_in(corrected))
-        .order_by(col(Prediction.id))
-    )
-    latest = {post_id: label for post_id, label in rows}  # a post's latest answer wins
-    return list(latest.values())
 
 
 @dataclass
@@ -202,8 +147,6 @@ class ReplayMemory:
             index.add(np.array([e.id for e in examples]), vectors, self._label_ids(examples))
             index.save(self.global_index_path)
         lines = "".join(json.dumps(asdict(e), ensure_ascii=False) + "\n" for e in examples)
-        from nightowl.memory.images import atomic_write_bytes
-
         atomic_write_bytes(self.global_examples_path, lines.encode("utf-8"))
 
     def load_global(self) -> tuple[VectorIndex | None, list[Example]]:

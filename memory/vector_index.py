@@ -6,8 +6,6 @@ caller's row ids (feedback ids for a user's memory, example numbers for the glob
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import faiss
@@ -15,6 +13,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from nightowl.io import atomic_write
 
 
 def gpu_available() -> bool:
@@ -86,23 +86,13 @@ class VectorIndex:
 
     # -- persistence -----------------------------------------------------------------------
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         ids = self.ids
         tensors = {
             "faiss_index": torch.from_numpy(faiss.serialize_index(self.index).copy()),
             "ids": torch.from_numpy(ids),
             "labels": torch.tensor([self.labels[i] for i in ids.tolist()], dtype=torch.int64),
         }
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={**self.meta, "dim": str(self.dim)})
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={**self.meta, "dim": str(self.dim)}))
 
     @classmethod
     def load(cls, path: Path) -> "VectorIndex":

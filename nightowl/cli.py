@@ -14,6 +14,9 @@ from pydantic import BaseModel
 
 from nightowl.errors import InvalidInput, NightowlError
 
+# Each command imports what it uses when it runs: the model side pulls in torch (about 2 s), which
+# `nightowl --help`, `nightowl db current` and a mistyped option should not wait for.
+
 app = typer.Typer(
     name="nightowl",
     help="Personalized, continually learning sentiment analysis.",
@@ -26,20 +29,26 @@ app.add_typer(users_app, name="users")
 adapters_app = typer.Typer(help="Per-user adapter versions.", no_args_is_help=True)
 app.add_typer(rationales_app, name="rationales")
 app.add_typer(adapters_app, name="adapters")
+db_app = typer.Typer(help="The database's schema (migrations).", no_args_is_help=True)
+app.add_typer(db_app, name="db")
 
 
-def _runtime():
+def _settings():
     from pydantic import ValidationError
 
-    from nightowl.runtime import Runtime
     from nightowl.settings import Settings
 
     try:
-        settings = Settings()
+        return Settings()
     except ValidationError as exc:  # a bad NIGHTOWL_* variable or TOML value: say which, no traceback
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise InvalidInput(f"configuration: {problems}") from None
-    return Runtime(settings)
+
+
+def _runtime():
+    from nightowl.runtime import Runtime
+
+    return Runtime(_settings())
 
 
 def _emit(obj: BaseModel | dict) -> None:
@@ -185,9 +194,16 @@ def nightly(
     user: Annotated[Optional[list[str]], typer.Option(help="Only these users (repeatable).")] = None,
 ) -> None:
     """Run the nightly per-user update now, with a progress bar (the server runs it on schedule)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
-    from nightowl.continual.night import NightAlreadyRunning, run_night
+    from nightowl.continual.jobs import NightAlreadyRunning
+    from nightowl.continual.night import run_night
 
     if not now:
         raise NightowlError("pass --now to run the nightly update now (the server runs it on its schedule)")
@@ -290,7 +306,12 @@ def train_base(
 ) -> None:
     """Train the shared base model on a labelled dataset and save it with its config."""
     from nightowl.adapters.config import FusionConfig
-    from nightowl.adapters.data import DatasetError, attach_rationales, image_features, read_tombert_tsv
+    from nightowl.adapters.data import (
+        DatasetError,
+        attach_rationales,
+        image_features,
+        read_tombert_tsv,
+    )
     from nightowl.adapters.encoders import ImageEncoder
     from nightowl.adapters.inputs import ModelInput
     from nightowl.adapters.train import TrainRecipe, train_base_model
@@ -317,6 +338,37 @@ def train_base(
     _, report = train_base_model(items(train_rows, True), items(select_rows, False) if select_rows else None,
                                  config, out, TrainRecipe(epochs=epochs, seed=seed))
     _emit({"out": str(out), **report})
+
+
+@db_app.command("upgrade")
+@cli_errors
+def db_upgrade() -> None:
+    """Bring the configured database to the current schema (every start of nightowl does this too)."""
+    from nightowl.memory import migrations
+    from nightowl.memory.db import make_engine
+
+    engine = make_engine(_settings().db_url)
+    try:
+        before, after = migrations.upgrade(engine)
+    finally:
+        engine.dispose()
+    _emit({"database": engine.url.render_as_string(hide_password=True), "from": before, "to": after})
+
+
+@db_app.command("current")
+@cli_errors
+def db_current() -> None:
+    """Print the database's schema revision and the newest one this nightowl knows (head)."""
+    from nightowl.memory import migrations
+    from nightowl.memory.db import make_engine
+
+    engine = make_engine(_settings().db_url)
+    try:
+        current = migrations.current(engine)
+    finally:
+        engine.dispose()
+    _emit({"database": engine.url.render_as_string(hide_password=True), "current": current,
+           "head": migrations.head()})
 
 
 def main() -> None:  # pragma: no cover - entry point

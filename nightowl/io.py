@@ -35,6 +35,16 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def _keep_mode(tmp: Path, path: Path) -> None:
+    """Give the new file the mode of the one it replaces (mkstemp makes 0600 files, so without this
+    rewriting a 0644 file would silently make it private); a new file keeps mkstemp's 0600."""
+    try:
+        mode = path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        return
+    os.chmod(tmp, mode)
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """`write(tmp)` writes the whole file at `tmp`; it then replaces `path` in one step.
 
@@ -47,6 +57,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     tmp = Path(name)
     try:
         write(tmp)
+        _keep_mode(tmp, path)
         _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -66,26 +77,39 @@ def atomic_write_text(path: Path, text: str) -> None:
 def atomic_folder(final: Path, fill: Callable[[Path], None], *, replace: bool = False) -> None:
     """`fill(tmp)` writes a folder's files into `tmp`; then it becomes `final` in one rename.
 
-    `replace=False`: `final` must not exist yet (the rename fails rather than merge two folders).
+    `replace=False`: `final` must not exist yet (FileExistsError rather than merge or swap two
+    folders; a concurrent writer that wins the race makes the rename fail the same way).
     `replace=True`: an existing `final` is moved aside first and removed after the swap; a crash
     between the two renames leaves the old folder under a dot-name and no `final`, which readers
-    treat as missing (never as half-written).
+    treat as missing (never as half-written). If the second rename itself fails, the old folder
+    is put back.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
     try:
         fill(tmp)
-        for f in tmp.rglob("*"):
+        # Files first, then every folder bottom-up, so each entry is durable before its parent's.
+        for f in sorted(tmp.rglob("*"), key=lambda p: len(p.parts), reverse=True):
             if f.is_file():
                 _fsync_file(f)
+            elif f.is_dir():
+                fsync_dir(f)
         fsync_dir(tmp)
         old = None
-        if replace and final.exists():
+        if final.exists():
+            if not replace:
+                # os.rename would silently replace an *empty* folder on POSIX: say no explicitly.
+                raise FileExistsError(f"{final} exists already")
             old = final.parent / f".{final.name}.old-{os.getpid()}"
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
-        os.rename(tmp, final)
+        try:
+            os.rename(tmp, final)
+        except BaseException:
+            if old is not None and not final.exists():
+                os.replace(old, final)  # the swap failed: the old folder stays in place
+            raise
         fsync_dir(final.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)

@@ -21,10 +21,8 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 import re
 import shutil
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -32,10 +30,15 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import httpx
 
+from nightowl.io import atomic_folder, atomic_write_text
+
 if TYPE_CHECKING:
     from nightowl.settings import OpenAISettings, Settings
 
 log = logging.getLogger(__name__)
+
+# torch and transformers are imported inside the local generator's functions: they take seconds,
+# and a server whose provider is "openai", "cache" or "none" never needs them.
 
 PACKAGED_MODEL = "smollm2-135m-instruct"
 MAX_SENTENCES = 4
@@ -132,34 +135,32 @@ def materialize_packaged(models_cache_dir: Path) -> Path:
     if _is_complete(target):
         return target
     gguf = packaged_gguf()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{PACKAGED_MODEL}-", dir=target.parent))
-    try:
-        started = time.monotonic()
-        kwargs: dict[str, Any] = {"gguf_file": gguf.name}
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
-        try:  # newer transformers keep GGUF blocks packed unless told to unpack them
-            from transformers import GgufConfig
+    started = time.monotonic()
+    kwargs: dict[str, Any] = {"gguf_file": gguf.name}
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    try:  # newer transformers keep GGUF blocks packed unless told to unpack them
+        from transformers import GgufConfig
 
-            model_kwargs = {**kwargs, "quantization_config": GgufConfig(dequantize=True)}
-        except ImportError:
-            model_kwargs = kwargs
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, **model_kwargs)
-        quantizer = getattr(model, "hf_quantizer", None)
-        if quantizer is not None:  # weights are dense now; the marker only blocks saving
-            quantizer.remove_quantization_config(model)
+        model_kwargs = {**kwargs, "quantization_config": GgufConfig(dequantize=True)}
+    except ImportError:
+        model_kwargs = kwargs
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, **model_kwargs)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:  # weights are dense now; the marker only blocks saving
+        quantizer.remove_quantization_config(model)
+
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if target.exists() and not _is_complete(target):
             shutil.rmtree(target)  # debris from an older, interrupted layout
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not _is_complete(target):  # not simply a concurrent winner: a real failure
-                raise
-        log.info("converted %s to %s in %.1f s", gguf.name, target, time.monotonic() - started)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    try:
+        atomic_folder(target, fill)
+    except OSError:
+        if not _is_complete(target):  # not simply a concurrent winner: a real failure
+            raise
+    log.info("converted %s to %s in %.1f s", gguf.name, target, time.monotonic() - started)
     return target
 
 
@@ -405,15 +406,8 @@ class RationaleCache:
             "provider": provider,
             "created_at": time.time(),
         }
-        # Temp file in the same folder, then os.replace: readers see the old entry or the new one.
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(record, f, ensure_ascii=False)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # Readers see the old entry or the new one, never half of one.
+        atomic_write_text(path, json.dumps(record, ensure_ascii=False))
         return path
 
     def generate(self, text: str, aspect: str | None, image_path: Path | None = None) -> str:

@@ -1,6 +1,10 @@
-"""The process's shared, long-lived parts: settings, database engine, image store, model.
+"""Composition: the process's shared, long-lived parts (settings, database, image store, model,
+replay memory), built once per process (server, CLI command, benchmark) and handed down to the
+day logger and the night.
 
-Built once per process (server, CLI command, benchmark) and handed to the service layer.
+Nothing below this layer imports it: the parts it assembles know nothing of each other's
+wiring. The model and the replay memory import torch (seconds), so they are imported and built
+on first use: CLI commands that never predict or train never pay for them.
 """
 
 from __future__ import annotations
@@ -9,12 +13,16 @@ import threading
 from functools import cached_property
 from typing import TYPE_CHECKING
 
-from nightowl.memory.db import init_db, make_engine
+from nightowl.adapters import registry
+from nightowl.memory.db import make_engine, session_scope
 from nightowl.memory.images import ImageStore
+from nightowl.memory.migrations import init_db
 from nightowl.settings import Settings, UpdateConfig
 
 if TYPE_CHECKING:
+    from nightowl.adapters.personal import PersonalKit
     from nightowl.adapters.predictor import AdapterRef, Predictor
+    from nightowl.memory.replay import ReplayMemory
 
 
 class Runtime:
@@ -38,7 +46,9 @@ class Runtime:
         if self._predictor is None:
             with self._predictor_lock:
                 if self._predictor is None:
-                    from nightowl.adapters.predictor import Predictor
+                    from nightowl.adapters.predictor import (
+                        Predictor,  # torch: on first use only
+                    )
 
                     self._predictor = Predictor(self.settings)
         return self._predictor
@@ -49,15 +59,17 @@ class Runtime:
 
     # -- the night side's parts, built on first use ------------------------------------------
     @cached_property
-    def personal(self):
+    def personal(self) -> PersonalKit:
         """Training/evaluation helpers for per-user adapters over the loaded base model."""
-        from nightowl.adapters.personal import PersonalKit
+        from nightowl.adapters.personal import PersonalKit  # torch: on first use only
 
         return PersonalKit(self.predictor, self.images)
 
     @cached_property
-    def replay_memory(self):
-        from nightowl.memory.replay import ReplayMemory
+    def replay_memory(self) -> ReplayMemory:
+        from nightowl.memory.replay import (
+            ReplayMemory,  # faiss + torch: on first use only
+        )
 
         kit = self.personal
         return ReplayMemory(
@@ -70,9 +82,9 @@ class Runtime:
 
     def active_adapter(self, user_id: str) -> "AdapterRef | None":
         """The adapter that serves this user now (None: the base model)."""
-        from nightowl.adapters import registry
-        from nightowl.adapters.predictor import AdapterRef
-        from nightowl.memory.db import session_scope
+        from nightowl.adapters.predictor import (
+            AdapterRef,  # torch; the model is loaded by now anyway
+        )
 
         with session_scope(self.engine) as s:
             row = registry.active(s, user_id)
@@ -82,11 +94,12 @@ class Runtime:
 
     def forget_user(self, user_id: str) -> None:
         """Drop a deleted user's cached adapters and replay memory."""
-        from nightowl.adapters.registry import user_dir
-        from nightowl.memory.replay import ReplayMemory
+        from nightowl.memory.replay import (
+            ReplayMemory,  # faiss + torch: a CLI delete may not have them yet
+        )
 
         if self._predictor is not None:
-            self._predictor.adapters.evict_under(user_dir(self.settings.adapters_dir, user_id))
+            self._predictor.adapters.evict_under(registry.user_dir(self.settings.adapters_dir, user_id))
 
         # No model needed to delete a file: build the path without loading the kit.
         ReplayMemory(self.settings.memory_dir, None, "", self.labels).delete_user(user_id)

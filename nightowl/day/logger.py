@@ -10,18 +10,33 @@ import base64
 import binascii
 import hashlib
 import uuid
+from pathlib import Path
 
 from sqlalchemy import func
+from sqlalchemy import text as sql_text
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, delete, select
 
-from nightowl.memory.db import session_scope
-from nightowl.memory.images import ImageRejected
-from nightowl.memory.models import Feedback, JobStatus, Post, Prediction, Rationale, RationaleJob, User
+from nightowl.adapters import registry
 from nightowl.auth import hash_token, new_token, validate_user_id
 from nightowl.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge
+from nightowl.memory.db import session_scope
+from nightowl.memory.images import ImageRejected
+from nightowl.memory.models import (
+    AdapterVersion,
+    Feedback,
+    JobStatus,
+    Post,
+    Prediction,
+    Rationale,
+    RationaleJob,
+    TrainingRun,
+    User,
+)
 from nightowl.runtime import Runtime
 from nightowl.schemas import (
+    AdapterList,
+    AdapterOut,
     FeedbackItem,
     FeedbackOut,
     Health,
@@ -32,13 +47,10 @@ from nightowl.schemas import (
     UserCreated,
 )
 
-
 # --- health ------------------------------------------------------------------------------
 
 def health(rt: Runtime) -> Health:
     """The database answers; whether the model is loaded; how many rationale requests wait."""
-    from sqlalchemy import text as sql_text
-
     with session_scope(rt.engine) as s:
         s.exec(sql_text("SELECT 1"))
         pending = s.exec(
@@ -338,11 +350,6 @@ def list_posts(rt: Runtime, user_id: str, limit: int = 20, offset: int = 0) -> P
 
 def delete_user(rt: Runtime, user_id: str) -> dict[str, int]:
     """Remove a user everywhere: rows, replay vectors, adapters, and images no one else posted."""
-    from sqlmodel import delete
-
-    from nightowl.adapters import registry
-    from nightowl.memory.models import AdapterVersion, TrainingRun
-
     with session_scope(rt.engine) as s:
         require_user(s, user_id)
         post_ids = list(s.exec(select(Post.id).where(Post.user_id == user_id)))
@@ -367,10 +374,7 @@ def delete_user(rt: Runtime, user_id: str) -> dict[str, int]:
 
 # --- adapters ----------------------------------------------------------------------------
 
-def list_adapters(rt: Runtime, user_id: str) -> "AdapterList":
-    from nightowl.adapters import registry
-    from nightowl.schemas import AdapterList, AdapterOut
-
+def list_adapters(rt: Runtime, user_id: str) -> AdapterList:
     with session_scope(rt.engine) as s:
         require_user(s, user_id)
         rows = registry.versions(s, user_id)
@@ -389,9 +393,7 @@ def list_adapters(rt: Runtime, user_id: str) -> "AdapterList":
     return AdapterList(user_id=user_id, active_version=active, items=items)
 
 
-def rollback_adapter(rt: Runtime, user_id: str, version: int | None) -> "AdapterList":
-    from nightowl.adapters import registry
-
+def rollback_adapter(rt: Runtime, user_id: str, version: int | None) -> AdapterList:
     with session_scope(rt.engine) as s:
         require_user(s, user_id)
         registry.rollback(s, user_id, version, rt.settings.adapters_dir)
@@ -399,10 +401,6 @@ def rollback_adapter(rt: Runtime, user_id: str, version: int | None) -> "Adapter
 
 
 def export_adapter(rt: Runtime, user_id: str, version: int | None, dest) -> dict:
-    from pathlib import Path
-
-    from nightowl.adapters import registry
-
     dest = Path(dest)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise Conflict(f"{dest} exists and is not an empty folder")

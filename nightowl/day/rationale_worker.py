@@ -16,6 +16,7 @@ from sqlmodel import col, select
 
 from nightowl.memory.db import session_scope
 from nightowl.memory.models import JobStatus, Post, Rationale, RationaleJob, utcnow
+from nightowl.rationales import ProviderUnavailable, build_provider
 from nightowl.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -25,8 +26,6 @@ CLAIM_LEASE = timedelta(minutes=5)
 
 class RationaleWorker:
     def __init__(self, rt: Runtime, provider=None, poll_s: float = 2.0, batch: int = 8):
-        from nightowl.rationales import build_provider
-
         self.rt = rt
         self.provider = provider if provider is not None else build_provider(rt.settings)
         self.poll_s = poll_s
@@ -52,8 +51,6 @@ class RationaleWorker:
 
     def work_one(self, post_id: int) -> bool:
         """Generate and store one post's rationale; True when stored."""
-        from nightowl.rationales import ProviderUnavailable
-
         with session_scope(self.rt.engine) as s:
             post = s.get(Post, post_id)
             if post is None:

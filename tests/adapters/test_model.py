@@ -9,7 +9,14 @@ import torch
 from peft import PeftModel, get_peft_model
 from PIL import Image
 
-from nightowl.adapters.checkpoint import SHIPPED_BASE, build_model, load_base_model, save_base, user_lora_config, with_encoder_lora
+from nightowl.adapters.checkpoint import (
+    SHIPPED_BASE,
+    build_model,
+    load_base_model,
+    save_base,
+    user_lora_config,
+    with_encoder_lora,
+)
 from nightowl.adapters.config import FusionConfig
 from nightowl.adapters.data import TOMBERT_LABELS, read_tombert_tsv
 from nightowl.adapters.encoders import ImageEncoder, load_tokenizer

@@ -17,11 +17,17 @@ from sqlmodel import Session, func, select
 
 from nightowl.adapters import registry
 from nightowl.continual.night import run_night
-from nightowl.settings import UpdateConfig
-from nightowl.memory.models import AdapterStatus, AdapterVersion, Feedback, RunStatus, TrainingRun
 from nightowl.day import logger
 from nightowl.errors import InvalidInput
+from nightowl.memory.models import (
+    AdapterStatus,
+    AdapterVersion,
+    Feedback,
+    RunStatus,
+    TrainingRun,
+)
 from nightowl.runtime import Runtime
+from nightowl.settings import UpdateConfig
 from tests.conftest import make_settings
 
 # A user who calls every sarcastic "great"/"love" post negative; the base model reads them as positive.
@@ -177,7 +183,7 @@ def test_anchored_ewc_and_lwf_hold_the_model_near_its_start(night_rt):
 
     from nightowl.continual.experiences import ExampleTable, IndexedModel
     from nightowl.continual.regularizers import AnchoredEWC, anchored_lwf
-    from nightowl.memory.replay import Example
+    from nightowl.memory.examples import Example
 
     kit = night_rt.personal
     examples = [Example(id=i + 1, text=t, aspect=None, label="negative") for i, t in enumerate(SARCASTIC_TRAIN[:8])]

@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nightowl.memory.replay import Example, ReplayMemory, user_examples
-from nightowl.memory.vector_index import VectorIndex
 from nightowl.day import logger
+from nightowl.memory.examples import Example
+from nightowl.memory.night_queries import user_examples
+from nightowl.memory.replay import ReplayMemory
+from nightowl.memory.vector_index import VectorIndex
 
 LABELS = ["negative", "neutral", "positive"]
 

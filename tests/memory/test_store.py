@@ -10,9 +10,9 @@ from PIL import Image
 from sqlalchemy import text
 from sqlmodel import Session, func, select
 
-from nightowl.memory.models import Feedback, Post, Prediction, RationaleJob
 from nightowl.day import logger
 from nightowl.errors import Conflict, InvalidInput, NotFound
+from nightowl.memory.models import Feedback, Post, Prediction, RationaleJob
 
 
 def _jpeg(color=(200, 30, 30), size=(64, 48)) -> bytes:

@@ -6,10 +6,10 @@ from datetime import timedelta
 
 from sqlmodel import Session, select
 
-from nightowl.memory.models import JobStatus, Rationale, RationaleJob, utcnow
 from nightowl.day import logger
-from nightowl.devserver import free_port
 from nightowl.day.rationale_worker import RationaleWorker
+from nightowl.devserver import free_port
+from nightowl.memory.models import JobStatus, Rationale, RationaleJob, utcnow
 from nightowl.rationales import OpenAICompatible, RationaleCache
 from nightowl.runtime import Runtime
 from tests.conftest import make_settings

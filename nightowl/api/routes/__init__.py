@@ -1,0 +1,1 @@
+"""One APIRouter per resource; nightowl.api.app includes them all."""
