@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -13,6 +14,7 @@ import time
 
 import pytest
 import torch
+from peft import PeftModel
 from sqlmodel import Session, func, select
 
 from nightowl.adapters import registry
@@ -112,8 +114,6 @@ def test_one_night_personalizes_without_forgetting(night_rt):
 
 
 def test_adapter_loads_with_plain_peft_and_matches_server(night_rt, tmp_path):
-    from peft import PeftModel
-
     from nightowl.adapters.predictor import load_base_model
 
     rt = night_rt
@@ -174,6 +174,7 @@ def test_broken_or_foreign_adapter_serves_the_base(night_rt):
     assert result.metrics["base_model"] == rt.predictor.encoder_id
 
 
+@pytest.mark.filterwarnings("ignore:No loggers specified")  # a bare strategy: no metrics wanted
 def test_anchored_ewc_and_lwf_hold_the_model_near_its_start(night_rt):
     """Both regularizers act within a single night (avalanche's own anchor would come only
     after a first experience of the same strategy object): the outputs move less."""
@@ -217,11 +218,11 @@ def test_anchored_ewc_and_lwf_hold_the_model_near_its_start(night_rt):
 
 
 def _head_bias(rt, user):
-    from peft import PeftModel
-
     with Session(rt.engine) as s:
         row = registry.active(s, user)
-    model = PeftModel.from_pretrained(rt.predictor.pristine, rt.settings.adapters_dir / row.path)
+    # A copy: from_pretrained injects LoRA layers into the model it is given, and the pristine
+    # base is shared by every test in the session.
+    model = PeftModel.from_pretrained(copy.deepcopy(rt.predictor.pristine), rt.settings.adapters_dir / row.path)
     bias = next(m for n, m in model.named_modules() if n.endswith("head.modules_to_save.default")).bias
     return bias.detach().clone(), row.metrics["logit_adjustment"]
 
