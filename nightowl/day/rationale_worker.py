@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import NamedTuple
 
 from sqlmodel import col, select
 
@@ -22,6 +23,20 @@ from nightowl.runtime import Runtime
 log = logging.getLogger(__name__)
 
 CLAIM_LEASE = timedelta(minutes=5)
+
+
+class PostIdentity(NamedTuple):
+    """What names one post for good: its owner and creation time, and what a rationale is written from."""
+
+    user_id: str
+    created_at: datetime
+    text: str
+    aspect: str | None
+    image_sha256: str | None
+
+
+def _identity(post: Post) -> PostIdentity:
+    return PostIdentity(post.user_id, post.created_at, post.text, post.aspect, post.image_sha256)
 
 
 class RationaleWorker:
@@ -55,10 +70,10 @@ class RationaleWorker:
             post = s.get(Post, post_id)
             if post is None:
                 return False
-            text, aspect, sha = post.text, post.aspect, post.image_sha256
-        image_path = self.rt.images.path(sha) if sha else None
+            seen = _identity(post)
+        image_path = self.rt.images.path(seen.image_sha256) if seen.image_sha256 else None
         try:
-            rationale = self.provider.generate(text, aspect, image_path)
+            rationale = self.provider.generate(seen.text, seen.aspect, image_path)
         except ProviderUnavailable as exc:
             self._reschedule(post_id, str(exc))
             return False
@@ -66,7 +81,17 @@ class RationaleWorker:
             log.exception("rationale provider failed on post %s", post_id)
             self._reschedule(post_id, f"{type(exc).__name__}: {exc}")
             return False
+        return self._store(post_id, seen, rationale)
+
+    def _store(self, post_id: int, seen: "PostIdentity", rationale: str) -> bool:
+        """Store the rationale only on the post it was written for, checked in the same transaction
+        as the write: while the provider worked, the post's owner may have been deleted and the id
+        given to another user's post (SQLite reuses the highest rowid). That post keeps its own job."""
         with session_scope(self.rt.engine) as s:
+            post = s.get(Post, post_id)
+            if post is None or _identity(post) != seen:
+                log.info("post %s changed hands while its rationale was written; dropped", post_id)
+                return False
             s.add(Rationale(post_id=post_id, provider=self.provider.name, text=rationale))
             job = s.get(RationaleJob, post_id)
             if job is not None:

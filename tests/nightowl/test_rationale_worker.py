@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
 
 from sqlmodel import Session, select
@@ -83,3 +84,42 @@ def test_gives_up_after_max_attempts(tmp_path, predictor):
     worker.run_once()
     job = _job(rt, post.post_id)
     assert job.status == JobStatus.failed and job.attempts == 2 and "no stored rationale" in job.last_error
+
+
+class _SlowProvider:
+    """Writes a rationale from the text it is given, but only once the test lets it."""
+
+    name = "slow"
+
+    def __init__(self) -> None:
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def generate(self, text, aspect, image_path=None) -> str:
+        self.started.set()
+        assert self.release.wait(30)
+        return f"An analysis of: {text}"
+
+
+def test_a_deleted_users_rationale_never_lands_on_anothers_post(tmp_path, predictor):
+    """Issue 12, case 1: the owner is deleted while the provider works, and the next post (another
+    user's) gets the same id; the late rationale, made from the first user's words, is dropped."""
+    rt = _runtime(tmp_path, predictor)
+    logger.create_user(rt, "ann")
+    logger.create_user(rt, "ben")
+    first = logger.log_post(rt, "ann", "ann's private words about her day")
+    provider = _SlowProvider()
+    worker = RationaleWorker(rt, provider=provider)
+    assert worker.claim_due() == [first.post_id]
+    working = threading.Thread(target=worker.work_one, args=(first.post_id,))
+    working.start()
+    assert provider.started.wait(30)
+    logger.delete_user(rt, "ann")
+    second = logger.log_post(rt, "ben", "ben says something else entirely")
+    provider.release.set()
+    working.join(30)
+
+    with Session(rt.engine) as s:
+        stored = s.exec(select(Rationale)).all()
+    assert all("ann's private words" not in r.text for r in stored)
+    assert _job(rt, second.post_id).status == JobStatus.pending  # ben's own request still waits
+    assert logger.list_posts(rt, "ben").items[0].rationale is None
