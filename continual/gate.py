@@ -105,6 +105,7 @@ def decide(
     promoted, reason = verdict.promoted, verdict.reason
     with session_scope(rt.engine) as s:
         registry.lock_user(s, job.user_id)  # a rollback of this user waits for this transaction
+        night_queries.require_incarnation(s, job.user_id, job.incarnation)
         row = registry.get(s, job.user_id, version)
         row.metrics = metrics
         now_active = registry.active(s, job.user_id)

@@ -15,6 +15,9 @@ class UserJob:
     user_id: str
     cutoff_feedback_id: int  # train on this user's feedback with id <= cutoff
     cutoff_time: datetime
+    # Which user of that id (their row's created_at): one deleted and recreated during the night
+    # is another person, who must never be served what was trained on the first one's labels.
+    incarnation: datetime
 
 
 @dataclass

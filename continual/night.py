@@ -110,7 +110,7 @@ def plan_night(rt: Runtime, night_id: str, cutoff_time: datetime, only_users: It
             current = registry.active(s, user_id)
             trained_through = current.trained_through_feedback_id if current else None
             if night_queries.count_feedback(s, user_id, cutoff_id, after_id=trained_through) > 0:
-                jobs.append(UserJob(night_id, user_id, cutoff_id, cutoff_time))
+                jobs.append(UserJob(night_id, user_id, cutoff_id, cutoff_time, night_queries.incarnation(s, user_id)))
         return jobs
 
 
@@ -171,8 +171,8 @@ def _guarded(update: Callable[[Runtime, UserJob], UserResult], rt: Runtime, job:
         return update(rt, job)
     except Exception as exc:
         with session_scope(rt.engine) as s:
-            deleted = not night_queries.user_exists(s, job.user_id)
-        if deleted:  # deleted while we trained: drop what the job wrote after the deletion
+            deleted = night_queries.incarnation(s, job.user_id) != job.incarnation
+        if deleted:  # deleted (maybe recreated) while we trained: drop what the job wrote for them
             registry.delete_user_files(rt.settings.adapters_dir, job.user_id)
             rt.forget_user(job.user_id)
             log.info("user %s was deleted during the night; their update was dropped", job.user_id)

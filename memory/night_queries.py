@@ -57,6 +57,22 @@ def user_exists(session: Session, user_id: str) -> bool:
     return session.get(User, user_id) is not None
 
 
+def incarnation(session: Session, user_id: str) -> datetime | None:
+    """Which user holds this id now (their row's creation time); None: nobody."""
+    user = session.get(User, user_id)
+    return user.created_at if user is not None else None
+
+
+class UserGone(Exception):
+    """The user a night's job was for was deleted (and maybe recreated) while it ran."""
+
+
+def require_incarnation(session: Session, user_id: str, expected: datetime) -> None:
+    """Call inside the transaction that writes for the user: the check and the write commit together."""
+    if incarnation(session, user_id) != expected:
+        raise UserGone(f"user {user_id} was deleted during the night")
+
+
 # -- what a user's night trains on ------------------------------------------------------------
 
 

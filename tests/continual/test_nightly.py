@@ -20,7 +20,7 @@ from sqlmodel import Session, func, select
 from nightowl.adapters import registry
 from nightowl.continual.night import run_night
 from nightowl.day import logger
-from nightowl.errors import InvalidInput
+from nightowl.errors import InvalidInput, NotFound
 from nightowl.memory.models import (
     AdapterStatus,
     AdapterVersion,
@@ -316,6 +316,34 @@ def test_delete_user_removes_rows_vectors_adapters(night_rt):
     with Session(rt.engine) as s:
         assert s.exec(select(func.count()).select_from(Feedback).where(Feedback.user_id == "gone")).one() == 0
         assert s.exec(select(func.count()).select_from(AdapterVersion).where(AdapterVersion.user_id == "gone")).one() == 0
+
+
+def test_a_user_recreated_during_the_night_gets_nothing_trained_on_the_old_one(tmp_path, predictor, monkeypatch):
+    """Issue 12, case 2: the user is deleted and recreated (same id, another person) while the
+    night trains on the first one's labels: no version is written for the new one, and there is
+    nothing to roll back to."""
+    from nightowl.continual import update as update_module
+
+    rt = Runtime(make_settings(tmp_path / "home"), predictor=predictor)
+    rt.update_config = UpdateConfig(epochs=1, n_global=0, min_new_for_holdout=100)
+    logger.create_user(rt, "dee")
+    _teach(rt, "dee", SARCASTIC_TRAIN[:5], "negative")
+    train_candidate = update_module.train_candidate
+
+    def recreate_then_train(*args, **kwargs):
+        logger.delete_user(rt, "dee")
+        logger.create_user(rt, "dee")
+        return train_candidate(*args, **kwargs)
+
+    monkeypatch.setattr(update_module, "train_candidate", recreate_then_train)
+    [result] = run_night(rt).results
+    assert result.status == RunStatus.skipped and "deleted during the night" in result.error
+    assert logger.list_adapters(rt, "dee").items == []
+    assert rt.active_adapter("dee") is None
+    with pytest.raises(NotFound):
+        logger.rollback_adapter(rt, "dee", 1)
+    assert not registry.user_dir(rt.settings.adapters_dir, "dee").exists()
+    rt.close()
 
 
 def test_kill_9_during_nightly_changes_nothing(tmp_path, predictor):
