@@ -110,6 +110,17 @@ def systems_table() -> str:
         f"(hit rate {100 * inf['users_cycling']['hit_rate']:.0f}%) | {_lat(inf['users_cycling'])} |",
         f"| | one user adapter on disk | {inf['adapter_bytes']:,} bytes |",
     ]
+    memory = RESULTS / "request_memory.json"
+    if memory.exists():
+        rows = json.loads(memory.read_text())["rows"]
+        for key, what in (("png_posts", "PNG"), ("jpeg_posts", "JPEG")):
+            r = rows[key]
+            name = "`benchmarks.request_memory`" if key == "png_posts" else ""
+            lines.append(f"| {name} | {r['requests']} concurrent {r['megapixels']:.0f} MP {what} posts | "
+                         f"server +{r['added_mb']} MB peak; statuses {r['statuses']} |".replace("|  |", "| |"))
+        r = rows["unauthenticated_bodies"]
+        lines.append(f"| | {r['requests']} concurrent unauthenticated {r['body_mb']:.0f} MB bodies | "
+                     f"server +{r['added_mb']} MB peak; statuses {r['statuses']} |")
     return "\n".join(lines)
 
 

@@ -16,7 +16,7 @@ import torch
 
 from nightowl.adapters import registry
 from nightowl.adapters.personal import PersonalKit
-from nightowl.continual.jobs import UserJob
+from nightowl.continual.jobs import UserJob, require_current
 from nightowl.memory import night_queries
 from nightowl.memory.db import session_scope
 from nightowl.memory.examples import Example
@@ -105,7 +105,7 @@ def decide(
     promoted, reason = verdict.promoted, verdict.reason
     with session_scope(rt.engine) as s:
         registry.lock_user(s, job.user_id)  # a rollback of this user waits for this transaction
-        night_queries.require_incarnation(s, job.user_id, job.incarnation)
+        require_current(s, job)
         row = registry.get(s, job.user_id, version)
         row.metrics = metrics
         now_active = registry.active(s, job.user_id)

@@ -6,6 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from sqlmodel import Session
+
+from nightowl.continual.lease import require_lease
+from nightowl.memory import night_queries
 from nightowl.memory.models import RunStatus
 
 
@@ -18,6 +22,15 @@ class UserJob:
     # Which user of that id (their row's created_at): one deleted and recreated during the night
     # is another person, who must never be served what was trained on the first one's labels.
     incarnation: datetime
+    lease_holder: str  # the night's lease: a night that lost it writes nothing more (continual.lease)
+
+
+def require_current(session: Session, job: UserJob) -> None:
+    """Call inside every transaction that writes for a job, so the check commits with the write:
+    the user is still the one the night planned for (UserGone), and the night still holds its
+    lease (LeaseLost)."""
+    require_lease(session, job.lease_holder)
+    night_queries.require_incarnation(session, job.user_id, job.incarnation)
 
 
 @dataclass

@@ -1,7 +1,11 @@
 """One night: take the lease, plan the per-user jobs, hand them to an executor, collect the results.
 
-The lease (continual.lease) keeps a second night from starting while this one runs. A job is
-plain data (continual.jobs: user id, feedback cutoff, night id), so an executor other than the
+The lease (continual.lease) keeps a second night from starting while this one runs: it is short
+and renewed while the night runs (in the background, and before each user). A night that loses
+it (another holder has it now) skips its remaining users, and the lease is checked in the same
+transactions as each user's writes (continual.jobs.require_current), so it promotes nothing more. A
+job is plain data (continual.jobs: user id, feedback cutoff, night id, the user's incarnation and
+the lease's holder), so an executor other than the
 in-process one (Ray, a queue of workers) can take the same list: each worker needs only the
 settings to build its own runtime and call `nightowl.continual.update.update_user`.
 
@@ -30,7 +34,13 @@ from nightowl.continual.jobs import (
     UserJob,
     UserResult,
 )
-from nightowl.continual.lease import acquire_lease, lease_holder, release_lease
+from nightowl.continual.lease import (
+    LeaseKeeper,
+    LeaseLost,
+    acquire_lease,
+    lease_holder,
+    release_lease,
+)
 from nightowl.continual.update import update_user
 from nightowl.memory import night_queries
 from nightowl.memory.db import session_scope
@@ -95,7 +105,9 @@ def clean_up_interrupted(rt: Runtime) -> int:
         return night_queries.mark_interrupted(s)
 
 
-def plan_night(rt: Runtime, night_id: str, cutoff_time: datetime, only_users: Iterable[str] | None = None) -> list[UserJob]:
+def plan_night(
+    rt: Runtime, night_id: str, cutoff_time: datetime, holder: str, only_users: Iterable[str] | None = None
+) -> list[UserJob]:
     """Every user with feedback newer than their active adapter, up to the cutoff."""
     with session_scope(rt.engine) as s:
         cutoff_id = night_queries.latest_feedback_id(s, cutoff_time)
@@ -110,7 +122,7 @@ def plan_night(rt: Runtime, night_id: str, cutoff_time: datetime, only_users: It
             current = registry.active(s, user_id)
             trained_through = current.trained_through_feedback_id if current else None
             if night_queries.count_feedback(s, user_id, cutoff_id, after_id=trained_through) > 0:
-                jobs.append(UserJob(night_id, user_id, cutoff_id, cutoff_time, night_queries.incarnation(s, user_id)))
+                jobs.append(UserJob(night_id, user_id, cutoff_id, cutoff_time, night_queries.incarnation(s, user_id), holder))
         return jobs
 
 
@@ -126,16 +138,18 @@ def run_night(
     stop: threading.Event | None = None,
 ) -> NightSummary:
     """Run one night. `on_result(result, done, total)` drives a progress bar. Once `stop` is set
-    (the server is shutting down), users not yet started are skipped: the next night does them."""
+    (the server is shutting down), users not yet started are skipped: the next night does them.
+    So are they once the night has lost its lease."""
     update = update or update_user
     holder = lease_holder()
     if not acquire_lease(rt.engine, holder):
         raise NightAlreadyRunning("another nightly run holds the lease")
+    keeper = LeaseKeeper(rt.engine, holder).start()
     try:
         clean_up_interrupted(rt)
         cutoff_time = utcnow()
         night_id = cutoff_time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-        jobs = plan_night(rt, night_id, cutoff_time, only_users)
+        jobs = plan_night(rt, night_id, cutoff_time, holder, only_users)
         if jobs:
             ensure_global_memory(rt)
         log.info("night %s: %d users with new feedback", night_id, len(jobs))
@@ -151,24 +165,38 @@ def run_night(
 
         futures = []
         for job in jobs:
-            fut = executor.submit(_guarded, update, rt, job, stop)
+            fut = executor.submit(_guarded, update, rt, job, stop, keeper)
             fut.add_done_callback(collect)
             futures.append(fut)
         wait(futures)
         for fut in futures:
             fut.result()  # re-raise what no job should swallow (KeyboardInterrupt, SystemExit)
+        if keeper.lost.is_set():
+            log.error("night %s lost its lease: it stopped early", night_id)
         return NightSummary(night_id, cutoff_time, results)
     finally:
+        keeper.stop()
         release_lease(rt.engine, holder)
 
 
+LEASE_LOST = "the night lost its lease; left for the next night"
+
+
 def _guarded(update: Callable[[Runtime, UserJob], UserResult], rt: Runtime, job: UserJob,
-             stop: threading.Event | None = None) -> UserResult:
-    """One user's failure is recorded on their run and never stops the others."""
+             stop: threading.Event | None = None, keeper: LeaseKeeper | None = None) -> UserResult:
+    """One user's failure is recorded on their run and never stops the others. Before each user
+    the lease is renewed; while the user's job runs, each of its writes checks the lease."""
     if stop is not None and stop.is_set():
         return UserResult(job.user_id, RunStatus.skipped, error="shutting down; left for the next night")
+    if keeper is not None and not keeper.renew():
+        return UserResult(job.user_id, RunStatus.skipped, error=LEASE_LOST)
     try:
         return update(rt, job)
+    except LeaseLost:
+        log.error("night lost its lease during user %s: nothing of theirs was promoted", job.user_id)
+        if keeper is not None:
+            keeper.lost.set()
+        return UserResult(job.user_id, RunStatus.skipped, error=LEASE_LOST)
     except Exception as exc:
         with session_scope(rt.engine) as s:
             deleted = night_queries.incarnation(s, job.user_id) != job.incarnation

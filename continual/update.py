@@ -40,7 +40,7 @@ from nightowl.adapters import registry
 from nightowl.adapters.personal import PersonalKit
 from nightowl.continual.experiences import ExampleTable, FaissReplayPlugin, IndexedModel
 from nightowl.continual.gate import gate
-from nightowl.continual.jobs import UserJob, UserResult
+from nightowl.continual.jobs import UserJob, UserResult, require_current
 from nightowl.continual.regularizers import AnchoredEWC, anchored_lwf
 from nightowl.memory import night_queries
 from nightowl.memory.db import session_scope
@@ -90,7 +90,7 @@ def update_user(rt: Runtime, job: UserJob, config: UpdateConfig | None = None) -
     torch.manual_seed(_seed_for(job))
 
     with session_scope(rt.engine) as s:
-        night_queries.require_incarnation(s, job.user_id, job.incarnation)  # the examples are this user's
+        require_current(s, job)  # the examples are this user's
         tonight = select_examples(s, job, kit.encoder_id, rt.settings.adapters_dir)
         run_id = night_queries.start_run(s, job.user_id, job.night_id, job.cutoff_time)
     if not tonight.new:
@@ -275,12 +275,12 @@ def write_candidate(
     `metrics` gains train_seconds: the time from the job's start until the files are written."""
     kit.shift_head_bias(candidate.peft_model, candidate.adjustment)
     with session_scope(rt.engine) as s:
-        night_queries.require_incarnation(s, job.user_id, job.incarnation)
+        require_current(s, job)
         version = registry.next_version(s, job.user_id)
     rel = registry.write_version_files(rt.settings.adapters_dir, job.user_id, version, candidate.peft_model.save_pretrained)
     metrics["train_seconds"] = round(time.perf_counter() - t0, 2)
     with session_scope(rt.engine) as s:
-        night_queries.require_incarnation(s, job.user_id, job.incarnation)  # a new user of this id owns no old labels
+        require_current(s, job)  # a new user of this id owns no old labels
         night_queries.add_candidate(s, job.user_id, version, rel, tonight.through, metrics)
     return version
 

@@ -13,6 +13,12 @@ from typing import Any
 from sqlalchemy import JSON, Column, Index, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
+# Surrogate integer ids are never handed out twice, even after the rows holding the highest ids
+# are deleted: an id names one row for good (a worker or a night holding an id from before a
+# user's deletion can't land on another user's row). PostgreSQL's sequences never go back;
+# SQLite reuses the highest rowid unless the table is AUTOINCREMENT (revision 0002).
+NEVER_REUSED = {"sqlite_autoincrement": True}
+
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
@@ -28,7 +34,7 @@ class User(SQLModel, table=True):
 
 class Post(SQLModel, table=True):
     # A client may name its post (idempotency_key) so that a retried upload is stored once.
-    __table_args__ = (UniqueConstraint("user_id", "idempotency_key", name="uq_post_idempotency"),)
+    __table_args__ = (UniqueConstraint("user_id", "idempotency_key", name="uq_post_idempotency"), NEVER_REUSED)
 
     id: int | None = Field(default=None, primary_key=True)
     user_id: str = Field(foreign_key="user.id", index=True, max_length=64)
@@ -44,6 +50,8 @@ class Post(SQLModel, table=True):
 class Prediction(SQLModel, table=True):
     """What the user's model answered when the post arrived."""
 
+    __table_args__ = NEVER_REUSED
+
     id: int | None = Field(default=None, primary_key=True)
     post_id: int = Field(foreign_key="post.id", index=True)
     label: str = Field(max_length=64)
@@ -53,7 +61,7 @@ class Prediction(SQLModel, table=True):
 
 
 class Feedback(SQLModel, table=True):
-    __table_args__ = (UniqueConstraint("user_id", "idempotency_key", name="uq_feedback_idempotency"),)
+    __table_args__ = (UniqueConstraint("user_id", "idempotency_key", name="uq_feedback_idempotency"), NEVER_REUSED)
 
     id: int | None = Field(default=None, primary_key=True)
     user_id: str = Field(foreign_key="user.id", index=True, max_length=64)
@@ -65,6 +73,8 @@ class Feedback(SQLModel, table=True):
 
 
 class Rationale(SQLModel, table=True):
+    __table_args__ = NEVER_REUSED
+
     id: int | None = Field(default=None, primary_key=True)
     post_id: int = Field(foreign_key="post.id", index=True)
     provider: str = Field(max_length=200)
@@ -98,7 +108,7 @@ class AdapterStatus(str, Enum):
 
 
 class AdapterVersion(SQLModel, table=True):
-    __table_args__ = (UniqueConstraint("user_id", "version", name="uq_adapter_user_version"),)
+    __table_args__ = (UniqueConstraint("user_id", "version", name="uq_adapter_user_version"), NEVER_REUSED)
 
     id: int | None = Field(default=None, primary_key=True)
     user_id: str = Field(foreign_key="user.id", index=True, max_length=64)
@@ -121,6 +131,8 @@ class RunStatus(str, Enum):
 
 
 class TrainingRun(SQLModel, table=True):
+    __table_args__ = NEVER_REUSED
+
     id: int | None = Field(default=None, primary_key=True)
     user_id: str = Field(foreign_key="user.id", index=True, max_length=64)
     night_id: str = Field(index=True, max_length=64)

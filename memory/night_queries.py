@@ -219,6 +219,11 @@ def reject_candidate(session: Session, row: AdapterVersion, reason: str) -> None
     session.add(row)
 
 
+def last_night_start(session: Session) -> datetime | None:
+    """When the newest recorded night started (its cutoff); None when no night has trained anyone."""
+    return session.exec(select(func.max(TrainingRun.cutoff))).one()
+
+
 def mark_interrupted(session: Session) -> int:
     """Runs and candidates left by a killed night: failed and rejected, so they are never
     mistaken for live ones. Returns the number of runs marked."""

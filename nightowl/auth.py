@@ -15,6 +15,11 @@ from nightowl.errors import Forbidden, InvalidInput
 # User ids become URL segments and database keys, never path components; still, keep them to
 # an alphabet that can't mean anything to a file system or a URL.
 USER_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# A user's token is what new_token() makes: 32 random bytes, base64url without padding (43 characters).
+# Anything else can be refused without asking the store.
+USER_TOKEN_PATTERN = re.compile(r"[A-Za-z0-9_-]{43}")
+# The longest Authorization header value worth hashing (admin tokens are configured, so any length up to this).
+MAX_TOKEN_CHARS = 4096
 
 
 def validate_user_id(user_id: str) -> str:
@@ -27,6 +32,21 @@ def validate_user_id(user_id: str) -> str:
 
 def new_token() -> str:
     return secrets.token_urlsafe(32)
+
+
+def looks_like_user_token(token: str) -> bool:
+    return USER_TOKEN_PATTERN.fullmatch(token) is not None
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header value; None when it is missing or malformed."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or len(token) > MAX_TOKEN_CHARS:
+        return None
+    return token
 
 
 def hash_token(token: str) -> str:

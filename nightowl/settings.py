@@ -47,8 +47,18 @@ class LimitSettings(BaseModel):
     max_idempotency_key_chars: int = Field(default=128, ge=1, description="Longest idempotency key.")
     max_image_bytes: int = Field(default=10 * 1024 * 1024, ge=1, description="Largest encoded image upload.")
     # Pillow's own bomb guard trips at 2x its limit; we refuse anything over this outright.
-    max_image_pixels: int = Field(default=40_000_000, ge=1, description="Most pixels (width x height) of an image.")
+    # The encoder sees a 224 px centre square: a JPEG is decoded reduced (1/2..1/8 per side), and
+    # this bounds what is decoded, so a 40 MP photo passes as JPEG but not as PNG.
+    max_image_pixels: int = Field(
+        default=4096 * 4096,
+        ge=1,
+        description="Most pixels (width x height) decoded from an image: JPEGs are checked after their "
+        "reduced decode, other formats from their header (a 12 MP phone photo fits in any format).",
+    )
     max_image_side: int = Field(default=12_000, ge=1, description="Longest side of an image, in pixels.")
+    max_concurrent_decodes: int = Field(
+        default=2, ge=1, description="Images decoded at once in one process; further uploads wait their turn."
+    )
 
 
 class UpdateConfig(BaseModel):

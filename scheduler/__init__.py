@@ -1,1 +1,1 @@
-"""When the night runs: an APScheduler 3.x cron job persisted in nightowl's own database."""
+"""When the night runs: an APScheduler 3.x cron job, kept in memory, caught up from the database's record of nights."""

@@ -6,9 +6,16 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.exc import SQLAlchemyError
 
 from nightowl.api.body_limit import BodySizeLimit
-from nightowl.api.errors import domain_error, invalid_request
+from nightowl.api.errors import (
+    domain_error,
+    invalid_request,
+    machine_error,
+    unexpected_error,
+)
+from nightowl.api.openapi import enforced_openapi
 from nightowl.api.routes import adapters, feedback, health, posts, users
 from nightowl.auth import load_or_create_admin_token
 from nightowl.day.rationale_worker import RationaleWorker
@@ -32,10 +39,15 @@ def create_app(rt: Runtime, background: bool = True) -> FastAPI:
     app.state.admin_token_hash = admin_token_hash
     app.add_exception_handler(NightowlError, domain_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
+    # A busy or unreachable database is 503, a full disk 507; any other failure a JSON 500.
+    app.add_exception_handler(SQLAlchemyError, machine_error)
+    app.add_exception_handler(OSError, machine_error)
+    app.add_exception_handler(Exception, unexpected_error)
     # The largest body a request may carry: an image at its limit, base64 (4/3 larger), plus fields.
     app.add_middleware(BodySizeLimit, limit=rt.settings.limits.max_image_bytes * 4 // 3 + 256 * 1024)
     for resource in (health, users, posts, feedback, adapters):
         app.include_router(resource.router)
+    app.openapi = lambda: enforced_openapi(app, rt.settings)  # the schema names the configured limits/labels
     return app
 
 
@@ -61,6 +73,7 @@ async def _model_and_background_work(app: FastAPI):
         rt = app.state.runtime
         worker = RationaleWorker(rt)
         worker.start()
+        app.state.rationale_worker = worker  # /healthz reports whether it is alive
         scheduler = build_scheduler(rt)
         scheduler.start()
         log.info("nightly update scheduled; next run %s", next_run(scheduler))

@@ -1,18 +1,31 @@
 """What the routes share, as `Annotated` dependencies (after the FastAPI full-stack template's
-api/deps.py): the runtime the app serves, and the caller that the bearer token names."""
+api/deps.py): the runtime the app serves, the caller that the bearer token names, the `{user_id}`
+path parameter as the schema documents it; and the route class of the JSON-body routes."""
 
-from typing import Annotated
+import json
+from collections.abc import Callable, Coroutine
+from email.message import Message
+from typing import Annotated, Any
 
-from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi import Depends, Path, Request, Response
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPBearer
 
-from nightowl.auth import Principal, is_admin_token
+from nightowl.auth import (
+    USER_ID_PATTERN,
+    Principal,
+    bearer_token,
+    is_admin_token,
+    looks_like_user_token,
+)
 from nightowl.day import logger
-from nightowl.errors import Unauthorized
+from nightowl.errors import InvalidInput, Unauthorized, UnsupportedMediaType
 from nightowl.runtime import Runtime
 
+# Documents the scheme in OpenAPI; the token itself is read by authenticate().
 bearer = HTTPBearer(auto_error=False, description="A user's token, or the admin token.")
-BearerCredentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+# Where BodySizeLimit leaves the caller it authenticated before any body was read.
+CALLER_SCOPE_KEY = "nightowl.caller"
 
 
 async def get_runtime(request: Request) -> Runtime:
@@ -23,16 +36,79 @@ async def get_runtime(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
-def get_caller(request: Request, rt: RuntimeDep, creds: BearerCredentials) -> Principal:
-    """The admin, or the user whose token it is. Sync on purpose: the token lookup queries the store."""
-    if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials:
+def authenticate(rt: Runtime, admin_token_hash: str, authorization: str | None) -> Principal:
+    """The admin, or the user whose token it is (Unauthorized otherwise). Cheap checks first: the
+    header's shape, the admin token's hash; the store is asked only about what could be a user's token."""
+    token = bearer_token(authorization)
+    if token is None:
         raise Unauthorized("missing bearer token (Authorization: Bearer <token>)")
-    if is_admin_token(creds.credentials, request.app.state.admin_token_hash):
+    if is_admin_token(token, admin_token_hash):
         return Principal(user_id=None)
-    user_id = logger.user_for_token(rt, creds.credentials)
+    user_id = logger.user_for_token(rt, token) if looks_like_user_token(token) else None
     if user_id is None:
         raise Unauthorized("invalid token")
     return Principal(user_id=user_id)
 
 
+def get_caller(request: Request, rt: RuntimeDep, _: Annotated[Any, Depends(bearer)]) -> Principal:
+    """The caller BodySizeLimit authenticated before the body was read; else (an app without it)
+    authenticated here. Sync on purpose: the token lookup queries the store."""
+    caller = request.scope.get(CALLER_SCOPE_KEY)
+    if isinstance(caller, Principal):
+        return caller
+    return authenticate(rt, request.app.state.admin_token_hash, request.headers.get("authorization"))
+
+
 CallerDep = Annotated[Principal, Depends(get_caller)]
+
+# The server checks user ids itself (logger.require_user, with its own message); the schema says the same.
+UserIdPath = Annotated[
+    str,
+    Path(
+        description="1-64 letters, digits, '_' or '-'.",
+        json_schema_extra={"pattern": USER_ID_PATTERN.pattern, "minLength": 1, "maxLength": 64},
+    ),
+]
+
+
+def parse_json_body(body: bytes) -> Any:
+    """A request body as JSON: UTF-8 only (RFC 8259), every failure a 422 that says what is wrong."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"request body is not valid UTF-8 (byte {exc.start}): send JSON as UTF-8") from None
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise InvalidInput("request body is not valid JSON: it nests too deeply") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"request body is not valid JSON: {exc.msg} at position {exc.pos}") from None
+
+
+def is_json_media_type(content_type: str) -> bool:
+    message = Message()
+    message["content-type"] = content_type
+    subtype = message.get_content_subtype()
+    return message.get_content_maintype() == "application" and (subtype == "json" or subtype.endswith("+json"))
+
+
+class JSONBodyRoute(APIRoute):
+    """A route whose body FastAPI parses into a model: the body is checked first, so that JSON that
+    isn't UTF-8 or nests too deeply is a 422 like any other invalid JSON (FastAPI answers those 400),
+    and another content type is a 415."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        if self.body_field is None:
+            return handler
+
+        async def checked(request: Request) -> Response:
+            content_type = request.headers.get("content-type")
+            if content_type is not None and not is_json_media_type(content_type):
+                raise UnsupportedMediaType("send the body as application/json")
+            body = await request.body()  # bounded by BodySizeLimit; FastAPI reads the same bytes again
+            if body:
+                parse_json_body(body)
+            return await handler(request)
+
+        return checked

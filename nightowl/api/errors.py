@@ -1,20 +1,49 @@
-"""Errors over HTTP: one shape for every error, {"detail": "<message>"}, with its status code."""
+"""Errors over HTTP: one shape for every error, {"detail": "<message>"}, with its status code.
+
+Besides the domain errors: a database that is busy or unreachable is 503 (with Retry-After), a
+full disk or database is 507, and anything else unexpected is a JSON 500, never text/plain.
+"""
+
+import logging
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from nightowl.errors import NightowlError, Unauthorized
+from nightowl.errors import NightowlError, Unauthorized, Unavailable, as_domain_error
 from nightowl.schemas import ErrorOut
 
+log = logging.getLogger(__name__)
+
 # What the /v1 routes document they may answer besides success.
-ERROR_RESPONSES = {code: {"model": ErrorOut} for code in (401, 403, 404, 409, 413, 415, 422)}
+ERROR_RESPONSES = {code: {"model": ErrorOut} for code in (401, 403, 404, 409, 413, 415, 422, 503, 507)}
+
+# Seconds a client should wait before retrying a 503.
+RETRY_AFTER_S = 5
 
 
 async def domain_error(_: Request, exc: NightowlError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
+    headers = None
+    if isinstance(exc, Unauthorized):
+        headers = {"WWW-Authenticate": "Bearer"}
+    elif isinstance(exc, Unavailable):
+        headers = {"Retry-After": str(RETRY_AFTER_S)}
     return JSONResponse({"detail": exc.message}, status_code=exc.status_code, headers=headers)
+
+
+async def machine_error(request: Request, exc: Exception) -> JSONResponse:
+    """Database driver and OS errors: 503/507 with the reason when they mean busy, unreachable or full."""
+    mapped = as_domain_error(exc)
+    if mapped is None:
+        return await unexpected_error(request, exc)
+    log.warning("%s %s: %s (%s: %s)", request.method, request.url.path, mapped.message, type(exc).__name__, exc)
+    return await domain_error(request, mapped)
+
+
+async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"detail": "internal server error"}, status_code=500)
 
 
 async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -9,18 +9,28 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import logging
+import shutil
+import time
 import uuid
+from datetime import timezone
 from pathlib import Path
 
 from sqlalchemy import func
 from sqlalchemy import text as sql_text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlmodel import Session, col, delete, select
 
 from nightowl.adapters import registry
 from nightowl.auth import hash_token, new_token, validate_user_id
-from nightowl.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge
-from nightowl.memory.db import session_scope
+from nightowl.errors import (
+    Conflict,
+    InvalidInput,
+    NotFound,
+    PayloadTooLarge,
+    as_domain_error,
+)
+from nightowl.memory.db import read_scope, session_scope
 from nightowl.memory.images import ImageRejected
 from nightowl.memory.models import (
     AdapterVersion,
@@ -32,12 +42,15 @@ from nightowl.memory.models import (
     RationaleJob,
     TrainingRun,
     User,
+    utcnow,
 )
 from nightowl.runtime import Runtime
 from nightowl.schemas import (
+    FEEDBACK_PER_POST,
     AdapterList,
     AdapterOut,
     FeedbackItem,
+    FeedbackList,
     FeedbackOut,
     Health,
     PostItem,
@@ -47,16 +60,72 @@ from nightowl.schemas import (
     UserCreated,
 )
 
+log = logging.getLogger(__name__)
+
+
 # --- health ------------------------------------------------------------------------------
 
-def health(rt: Runtime) -> Health:
-    """The database answers; whether the model is loaded; how many rationale requests wait."""
-    with session_scope(rt.engine) as s:
-        s.exec(sql_text("SELECT 1"))
-        pending = s.exec(
-            select(func.count()).select_from(RationaleJob).where(RationaleJob.status == JobStatus.pending)
-        ).one()
-    return Health(status="ok", database=rt.engine.dialect.name, model_loaded=rt.predictor_loaded, pending_rationales=pending)
+# Below these, health() reports "degraded" (and /healthz answers 503).
+HEALTH_MIN_FREE_BYTES = 256 * 1024 * 1024  # free space on the disk holding the home folder
+HEALTH_SLOW_DATABASE_S = 1.0  # time the database may take to answer
+HEALTH_MAX_RATIONALE_LAG_S = 300.0  # how long a due rationale request may wait for the worker
+
+
+def health(rt: Runtime, worker_alive: bool | None = None) -> Health:
+    """Can this server do its work: the database answers (timed; a read that never waits for a
+    writer), the disk holding the home folder has room, and the rationale queue drains: the worker
+    is alive (`worker_alive`; None when this process didn't start one) and no due request waits
+    longer than HEALTH_MAX_RATIONALE_LAG_S. Each problem is named in `problems`; any makes it "degraded"."""
+    problems: list[str] = []
+    pending = lag_s = database_ms = None
+    started = time.perf_counter()
+    try:
+        with read_scope(rt.engine) as s:
+            s.exec(sql_text("SELECT 1"))
+            database_ms = round((time.perf_counter() - started) * 1000, 1)
+            pending = s.exec(
+                select(func.count()).select_from(RationaleJob).where(RationaleJob.status == JobStatus.pending)
+            ).one()
+            now = utcnow()
+            oldest_due = s.exec(
+                select(func.min(RationaleJob.next_attempt_at)).where(
+                    RationaleJob.status == JobStatus.pending, RationaleJob.next_attempt_at <= now
+                )
+            ).one()
+    except SQLAlchemyError as exc:
+        mapped = as_domain_error(exc)
+        problems.append(f"database: {mapped.message if mapped else type(exc).__name__}")
+    else:
+        if database_ms > HEALTH_SLOW_DATABASE_S * 1000:
+            problems.append(f"database: took {database_ms:.0f} ms to answer")
+        if oldest_due is not None:
+            if oldest_due.tzinfo is None:
+                oldest_due = oldest_due.replace(tzinfo=timezone.utc)
+            lag_s = round(max(0.0, (now - oldest_due).total_seconds()), 1)
+        else:
+            lag_s = 0.0
+        if lag_s > HEALTH_MAX_RATIONALE_LAG_S:
+            problems.append(f"rationale queue: a due request has waited {lag_s:.0f} s")
+    try:
+        free = shutil.disk_usage(rt.settings.home).free
+    except OSError as exc:
+        free = None
+        problems.append(f"disk: can't read the free space of the home folder ({exc.strerror})")
+    if free is not None and free < HEALTH_MIN_FREE_BYTES:
+        problems.append(f"disk: {free // 2**20} MiB free, under {HEALTH_MIN_FREE_BYTES // 2**20} MiB")
+    if worker_alive is False:
+        problems.append("rationale worker: not running")
+    return Health(
+        status="degraded" if problems else "ok",
+        problems=problems,
+        database=rt.engine.dialect.name,
+        database_ms=database_ms,
+        model_loaded=rt.predictor_loaded,
+        pending_rationales=pending,
+        rationale_lag_s=lag_s,
+        rationale_worker_alive=worker_alive,
+        disk_free_bytes=free,
+    )
 
 
 # --- users -------------------------------------------------------------------------------
@@ -90,7 +159,7 @@ def create_user(rt: Runtime, user_id: str, name: str | None = None) -> UserCreat
 
 
 def user_for_token(rt: Runtime, token: str) -> str | None:
-    with session_scope(rt.engine) as s:
+    with read_scope(rt.engine) as s:  # never waits for a writer: a bad token's 401 is immediate
         user = s.exec(select(User).where(User.token_hash == hash_token(token))).first()
         return user.id if user else None
 
@@ -157,17 +226,24 @@ def log_post(
     idempotency_key: str | None = None,
     context: str | None = None,
 ) -> PostLogged:
-    """Store a post, answer it with the user's model, and queue its rationale."""
+    """Store a post, answer it with the user's model, and queue its rationale.
+
+    An image is stored (and its features cached) before the post's transaction; if the post is not
+    stored after all (its user was deleted meanwhile: 404; any other failure), the image is
+    collected again unless another post references it (see ``_collect_images``).
+    """
     text, aspect, context = _check_text(rt, text, aspect, context)
     idempotency_key = _check_key(rt, idempotency_key, "post")
-    with session_scope(rt.engine) as s:
-        require_user(s, user_id)
+    with read_scope(rt.engine) as s:
+        # The user's incarnation: a user deleted and recreated under the same id while this post
+        # was being answered is another user, who must not receive it.
+        incarnation = require_user(s, user_id).created_at
         if idempotency_key is not None:
             existing = _post_by_key(s, user_id, idempotency_key)
             if existing is not None:
                 return _same_post_or_conflict(s, existing, text, aspect, context, _sha(image))
 
-    image_sha, features = None, None
+    image_sha = None
     if image is not None:
         limits = rt.settings.limits
         if len(image) > limits.max_image_bytes:
@@ -178,14 +254,45 @@ def log_post(
             )
         except ImageRejected as exc:
             raise InvalidInput(str(exc)) from None
-        encoder = rt.predictor.image_encoder
-        features = rt.images.features(image_sha, encoder.encoder_id, encoder.encode, decoded)
+        # A full disk (OSError, errno ENOSPC) propagates unchanged: the API answers it as such.
 
-    # Predict outside the transaction: the model takes milliseconds we shouldn't hold a lock for.
-    result = rt.predictor.predict(
-        text, aspect, features, rationale=None, user_id=user_id, context=context, adapter=rt.active_adapter(user_id)
-    )
+    try:
+        features, encoder_id = None, None
+        if image_sha is not None:
+            encoder = rt.predictor.image_encoder
+            encoder_id = encoder.encoder_id
+            features = rt.images.features(image_sha, encoder_id, encoder.encode, decoded)
+            del decoded
+        # Predict outside the transaction: the model takes milliseconds we shouldn't hold a lock for.
+        result = rt.predictor.predict(
+            text, aspect, features, rationale=None, user_id=user_id, context=context, adapter=rt.active_adapter(user_id)
+        )
+        return _store_post(
+            rt, user_id, incarnation, text, aspect, context, idempotency_key, image, image_sha, encoder_id, features, result
+        )
+    except BaseException:
+        if image_sha is not None:
+            try:
+                _collect_images(rt, {image_sha})  # reference-checked: a blob another post uses stays
+            except Exception:
+                log.exception("could not collect image %s after a post that was not stored", image_sha)
+        raise
 
+
+def _store_post(
+    rt: Runtime,
+    user_id: str,
+    incarnation,
+    text: str,
+    aspect: str | None,
+    context: str | None,
+    idempotency_key: str | None,
+    image: bytes | None,
+    image_sha: str | None,
+    encoder_id: str | None,
+    features,
+    result,
+) -> PostLogged:
     try:
         with session_scope(rt.engine) as s:
             post = Post(
@@ -197,7 +304,17 @@ def log_post(
                 idempotency_key=idempotency_key,
             )
             s.add(post)
+            # The insert first: from here to the commit this transaction holds SQLite's write lock
+            # (PostgreSQL: a key-share lock on the user's row, which a DELETE of the user waits for).
             s.flush()
+            user = s.get(User, user_id)
+            if user is None or user.created_at != incarnation:
+                raise NotFound(f"unknown user {user_id!r}")
+            if image_sha is not None:
+                # Under the lock collection takes: a collection that ran before us (after our
+                # put) removed the files; put them back, so the post we commit never dangles.
+                _lock_images(s, [image_sha])
+                rt.images.restore(image_sha, image, encoder_id, features)
             pred = Prediction(
                 post_id=post.id,
                 label=result.label,
@@ -209,13 +326,74 @@ def log_post(
                 s.add(RationaleJob(post_id=post.id))
             post_id = post.id
     except IntegrityError:
-        # A concurrent retry with the same key won the race: answer with what it stored.
-        with session_scope(rt.engine) as s:
+        # The user was deleted meanwhile (foreign key), or a concurrent retry with the same key
+        # won the race: answer 404, or with what the retry stored.
+        with read_scope(rt.engine) as s:
+            user = s.get(User, user_id)
+            if user is None or user.created_at != incarnation:
+                raise NotFound(f"unknown user {user_id!r}") from None
             existing = _post_by_key(s, user_id, idempotency_key) if idempotency_key else None
             if existing is None:
                 raise
             return _same_post_or_conflict(s, existing, text, aspect, context, image_sha)
     return PostLogged(post_id=post_id, prediction=_prediction_out(pred), image_sha256=image_sha)
+
+
+# Collecting images. A blob is shared by every post of the same bytes (one sha256), by any user,
+# so it may only go when no post references it, checked so that it can't race a post of the same
+# bytes being stored. The design needs no schema change (no refcount table): the check-and-delete
+# runs in a write transaction, and a post's transaction, after its insert, makes sure the blob
+# exists (puts it back from the request's bytes if not) under that same lock:
+# - SQLite: both are write transactions (BEGIN IMMEDIATE), so one runs wholly before the other:
+#   either the collector sees the post's row and keeps the blob, or the post sees the blob gone
+#   and restores it before it commits.
+# - PostgreSQL: writers don't exclude each other, so both take a transaction-scoped advisory lock
+#   named by the sha256 (`pg_advisory_xact_lock`), in sorted order (no deadlock), which serialises
+#   the same two steps; READ COMMITTED shows the collector a post committed before it got the lock.
+# A periodic sweep with a grace period was the alternative; it leaves a deleted user's files on
+# disk until the sweep and still needs this check for images re-posted during the grace period.
+# Files are removed only after the rows: a crash in between leaves unreferenced files (removed
+# by `collect_unreferenced_images`), never a post whose image is gone.
+
+_COLLECT_BATCH = 200
+
+
+def _lock_images(s: Session, shas) -> None:
+    if s.get_bind().dialect.name == "postgresql":
+        for sha in sorted(set(shas)):
+            s.execute(sql_text("SELECT pg_advisory_xact_lock(:k)"), {"k": int(sha[:15], 16)})
+
+
+def _collect_images(rt: Runtime, shas) -> int:
+    """Remove the images (and their features) among ``shas`` that no post references; their count."""
+    todo = sorted(set(shas))
+    removed = 0
+    for i in range(0, len(todo), _COLLECT_BATCH):
+        batch = todo[i : i + _COLLECT_BATCH]
+        with session_scope(rt.engine) as s:  # a write transaction: see the comment above
+            _lock_images(s, batch)
+            used = set(s.exec(select(Post.image_sha256).where(col(Post.image_sha256).in_(batch))))
+            for sha in batch:
+                if sha not in used:
+                    rt.images.delete(sha)
+                    removed += 1
+    return removed
+
+
+def collect_unreferenced_images(rt: Runtime, older_than_s: float = 3600.0) -> int:
+    """Remove stored images no post references (left by a crash between a deletion's rows and its
+    files); only those older than ``older_than_s``, so an upload in flight is never swept."""
+    import time
+
+    cutoff = time.time() - older_than_s
+    old = []
+    for sha, path in rt.images.blobs():
+        try:
+            if path.stat().st_mtime < cutoff:
+                old.append(sha)
+        except FileNotFoundError:
+            continue
+    return _collect_images(rt, old)
 
 
 def _post_by_key(s: Session, user_id: str, key: str) -> Post | None:
@@ -302,12 +480,13 @@ def _feedback_out(fb: Feedback, duplicate: bool = False) -> FeedbackOut:
 # --- history -----------------------------------------------------------------------------
 
 def list_posts(rt: Runtime, user_id: str, limit: int = 20, offset: int = 0) -> PostList:
-    """A user's posts, newest first, each with its prediction, latest rationale and feedback."""
+    """A user's posts, newest first, each with its prediction, latest rationale and its newest
+    FEEDBACK_PER_POST feedback (oldest first) with the post's feedback_total; list_feedback pages the rest."""
     if not 1 <= limit <= 500:
         raise InvalidInput("limit must be between 1 and 500")
     if offset < 0:
         raise InvalidInput("offset must not be negative")
-    with session_scope(rt.engine) as s:
+    with read_scope(rt.engine) as s:  # history never waits for a writer
         require_user(s, user_id)
         total = s.exec(select(func.count()).select_from(Post).where(Post.user_id == user_id)).one()
         posts = s.exec(
@@ -324,11 +503,32 @@ def list_posts(rt: Runtime, user_id: str, limit: int = 20, offset: int = 0) -> P
         rationales: dict[int, str] = {}
         for r in s.exec(select(Rationale).where(col(Rationale.post_id).in_(ids)).order_by(col(Rationale.id))):
             rationales[r.post_id] = r.text
-        feedback: dict[int, list[FeedbackItem]] = {i: [] for i in ids}
-        for f in s.exec(select(Feedback).where(col(Feedback.post_id).in_(ids)).order_by(col(Feedback.id))):
-            feedback[f.post_id].append(
-                FeedbackItem(label=f.label, reason=f.reason, idempotency_key=f.idempotency_key, created_at=f.created_at)
+        feedback_totals: dict[int, int] = dict(
+            s.exec(
+                select(Feedback.post_id, func.count())
+                .where(col(Feedback.post_id).in_(ids))
+                .group_by(Feedback.post_id)
+            ).all()
+        )
+        # The newest FEEDBACK_PER_POST of each post, in one query (a window over the posts' feedback).
+        newest = (
+            select(
+                col(Feedback.id).label("id"),
+                func.row_number()
+                .over(partition_by=Feedback.post_id, order_by=col(Feedback.id).desc())
+                .label("rank"),
             )
+            .where(col(Feedback.post_id).in_(ids))
+            .subquery()
+        )
+        feedback: dict[int, list[FeedbackItem]] = {i: [] for i in ids}
+        for f in s.exec(
+            select(Feedback)
+            .join(newest, col(Feedback.id) == newest.c.id)
+            .where(newest.c.rank <= FEEDBACK_PER_POST)
+            .order_by(col(Feedback.id))
+        ):
+            feedback[f.post_id].append(_feedback_item(f))
         items = [
             PostItem(
                 post_id=p.id,
@@ -340,18 +540,49 @@ def list_posts(rt: Runtime, user_id: str, limit: int = 20, offset: int = 0) -> P
                 prediction=_prediction_out(preds.get(p.id)),
                 rationale=rationales.get(p.id),
                 feedback=feedback[p.id],
+                feedback_total=feedback_totals.get(p.id, 0),
             )
             for p in posts
         ]
     return PostList(items=items, total=total)
 
 
+def list_feedback(rt: Runtime, user_id: str, post_id: int, limit: int = 20, offset: int = 0) -> FeedbackList:
+    """One post's feedback, oldest first, a page at a time (list_posts carries only the newest)."""
+    if not 1 <= limit <= 500:
+        raise InvalidInput("limit must be between 1 and 500")
+    if offset < 0:
+        raise InvalidInput("offset must not be negative")
+    with read_scope(rt.engine) as s:
+        require_user(s, user_id)
+        post = s.get(Post, post_id)
+        if post is None or post.user_id != user_id:
+            raise NotFound(f"post {post_id} not found for user {user_id!r}")
+        total = s.exec(select(func.count()).select_from(Feedback).where(Feedback.post_id == post_id)).one()
+        rows = s.exec(
+            select(Feedback).where(Feedback.post_id == post_id).order_by(col(Feedback.id)).limit(limit).offset(offset)
+        ).all()
+        items = [_feedback_item(f) for f in rows]
+    return FeedbackList(post_id=post_id, items=items, total=total)
+
+
+def _feedback_item(f: Feedback) -> FeedbackItem:
+    return FeedbackItem(
+        feedback_id=f.id, label=f.label, reason=f.reason, idempotency_key=f.idempotency_key, created_at=f.created_at
+    )
+
+
 # --- deletion ----------------------------------------------------------------------------
 
 def delete_user(rt: Runtime, user_id: str) -> dict[str, int]:
-    """Remove a user everywhere: rows, replay vectors, adapters, and images no one else posted."""
+    """Remove a user everywhere: rows, replay vectors, adapters, cached rationales, and images no
+    one else posted (reference-checked: see ``_collect_images``)."""
     with session_scope(rt.engine) as s:
         require_user(s, user_id)
+        # PostgreSQL: lock the user's row first. A post being inserted for the user holds a
+        # key-share lock on it (its foreign key): we wait for it, and then delete it too; a post
+        # inserted after this waits for our commit and then fails its foreign key (404).
+        s.exec(select(User.id).where(User.id == user_id).with_for_update())
         post_ids = list(s.exec(select(Post.id).where(Post.user_id == user_id)))
         shas = set(s.exec(select(Post.image_sha256).where(Post.user_id == user_id, col(Post.image_sha256).is_not(None))))
         counts = {"posts": len(post_ids)}
@@ -362,20 +593,17 @@ def delete_user(rt: Runtime, user_id: str) -> dict[str, int]:
         counts["adapter_versions"] = s.exec(delete(AdapterVersion).where(AdapterVersion.user_id == user_id)).rowcount
         s.exec(delete(TrainingRun).where(TrainingRun.user_id == user_id))
         s.exec(delete(User).where(User.id == user_id))
-        still_used = set(s.exec(select(Post.image_sha256).where(col(Post.image_sha256).in_(shas)))) if shas else set()
     # Files after the rows: a crash in between leaves unreferenced files, never dangling rows.
     rt.forget_user(user_id)
     registry.delete_user_files(rt.settings.adapters_dir, user_id)
-    for sha in shas - still_used:
-        rt.images.delete(sha)
-    counts["images"] = len(shas - still_used)
+    counts["images"] = _collect_images(rt, shas)
     return counts
 
 
 # --- adapters ----------------------------------------------------------------------------
 
 def list_adapters(rt: Runtime, user_id: str) -> AdapterList:
-    with session_scope(rt.engine) as s:
+    with read_scope(rt.engine) as s:
         require_user(s, user_id)
         rows = registry.versions(s, user_id)
     items = [

@@ -4,6 +4,11 @@ Requests live in the `rationalejob` table, so they survive a restart: a job is c
 pushing its next_attempt_at a lease ahead, worked outside any transaction, then marked done.
 A process killed mid-job leaves the lease to expire and the job is picked up again. A provider
 that is down just reschedules the job with exponential backoff.
+
+Attempts are counted when a job is claimed, so they are bounded (settings.rationale_max_attempts)
+even when an attempt leaves no outcome (a kill, a database that refuses the write): a job claimed
+that many times without success is given up. One job's failure, the provider's or the store's,
+is logged and recorded on that job; the pass goes on with the next.
 """
 
 from __future__ import annotations
@@ -17,7 +22,12 @@ from sqlmodel import col, select
 
 from nightowl.memory.db import session_scope
 from nightowl.memory.models import JobStatus, Post, Rationale, RationaleJob, utcnow
-from nightowl.rationales import ProviderUnavailable, build_provider
+from nightowl.rationales import (
+    ProviderUnavailable,
+    build_provider,
+    forget_for,
+    generate_for,
+)
 from nightowl.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -51,6 +61,7 @@ class RationaleWorker:
     # -- one pass; also what tests and `nightowl rationales run-once` call -------------------
     def claim_due(self) -> list[int]:
         now = utcnow()
+        max_attempts = self.rt.settings.rationale_max_attempts
         with session_scope(self.rt.engine) as s:
             jobs = s.exec(
                 select(RationaleJob)
@@ -59,10 +70,17 @@ class RationaleWorker:
                 .limit(self.batch)
                 .with_for_update(skip_locked=True)  # PostgreSQL: several servers never share a job
             ).all()
+            claimed = []
             for job in jobs:
-                job.next_attempt_at = now + CLAIM_LEASE
+                if job.attempts >= max_attempts:  # earlier attempts ended without an outcome
+                    job.status = JobStatus.failed
+                    job.last_error = (job.last_error or f"gave up after {job.attempts} attempts")[:2000]
+                else:
+                    job.attempts += 1  # counted now: an attempt that records nothing still counts
+                    job.next_attempt_at = now + CLAIM_LEASE
+                    claimed.append(job.post_id)
                 s.add(job)
-            return [j.post_id for j in jobs]
+            return claimed
 
     def work_one(self, post_id: int) -> bool:
         """Generate and store one post's rationale; True when stored."""
@@ -73,7 +91,8 @@ class RationaleWorker:
             seen = _identity(post)
         image_path = self.rt.images.path(seen.image_sha256) if seen.image_sha256 else None
         try:
-            rationale = self.provider.generate(seen.text, seen.aspect, image_path)
+            # Whose post it is: a caching provider keeps each user's entries apart (issue 12 case 6).
+            rationale = generate_for(self.provider, seen.user_id, seen.text, seen.aspect, image_path)
         except ProviderUnavailable as exc:
             self._reschedule(post_id, str(exc))
             return False
@@ -91,12 +110,13 @@ class RationaleWorker:
             post = s.get(Post, post_id)
             if post is None or _identity(post) != seen:
                 log.info("post %s changed hands while its rationale was written; dropped", post_id)
+                # And so is what a caching provider kept of it: its user may be deleted (and purged) by now.
+                forget_for(self.provider, seen.user_id, seen.text, seen.aspect, seen.image_sha256)
                 return False
             s.add(Rationale(post_id=post_id, provider=self.provider.name, text=rationale))
             job = s.get(RationaleJob, post_id)
             if job is not None:
                 job.status = JobStatus.done
-                job.attempts += 1
                 job.last_error = None
                 s.add(job)
         return True
@@ -105,9 +125,8 @@ class RationaleWorker:
         settings = self.rt.settings
         with session_scope(self.rt.engine) as s:
             job = s.get(RationaleJob, post_id)
-            if job is None:
+            if job is None or job.status != JobStatus.pending:
                 return
-            job.attempts += 1
             job.last_error = error[:2000]
             if job.attempts >= settings.rationale_max_attempts:
                 job.status = JobStatus.failed
@@ -121,8 +140,20 @@ class RationaleWorker:
         for post_id in self.claim_due():
             if self._stop.is_set():
                 break
-            done += self.work_one(post_id)
+            try:
+                done += self.work_one(post_id)
+            except Exception as exc:  # e.g. the database refused the rationale: this job only
+                log.exception("rationale job for post %s failed", post_id)
+                self._record_failure(post_id, f"{type(exc).__name__}: {exc}")
         return done
+
+    def _record_failure(self, post_id: int, error: str) -> None:
+        """Back the job off (or give it up) after a failure; if even that can't be written, its
+        claim runs out and a later pass retries it, within the attempts counted at each claim."""
+        try:
+            self._reschedule(post_id, error)
+        except Exception:
+            log.exception("could not record the failure of the rationale job for post %s", post_id)
 
     # -- background thread -----------------------------------------------------------------
     def start(self) -> None:

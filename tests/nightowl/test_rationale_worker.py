@@ -123,3 +123,66 @@ def test_a_deleted_users_rationale_never_lands_on_anothers_post(tmp_path, predic
     assert all("ann's private words" not in r.text for r in stored)
     assert _job(rt, second.post_id).status == JobStatus.pending  # ben's own request still waits
     assert logger.list_posts(rt, "ben").items[0].rationale is None
+
+
+class _Echo:
+    """A provider that always answers."""
+
+    name = "echo"
+
+    def generate(self, text, aspect, image_path=None) -> str:
+        return f"About: {text}"
+
+
+def _db_error(*args, **kwargs):
+    from sqlalchemy.exc import OperationalError
+
+    raise OperationalError("INSERT INTO rationale ...", {}, Exception("disk I/O error"))
+
+
+def test_a_failing_store_fails_its_job_not_the_pass(tmp_path, predictor, monkeypatch, caplog):
+    """Issue 12, case 8: the database refusing one rationale is logged and recorded on that job
+    (counted, backed off); the pass goes on with the other jobs."""
+    rt = _runtime(tmp_path, predictor)
+    logger.create_user(rt, "dan")
+    bad = logger.log_post(rt, "dan", "this one will not store")
+    good = logger.log_post(rt, "dan", "this one stores fine")
+    worker = RationaleWorker(rt, provider=_Echo())
+    store = worker._store
+
+    def flaky_store(post_id, seen, rationale):
+        if post_id == bad.post_id:
+            _db_error()
+        return store(post_id, seen, rationale)
+
+    monkeypatch.setattr(worker, "_store", flaky_store)
+    assert worker.run_once() == 1
+    assert _job(rt, good.post_id).status == JobStatus.done
+    job = _job(rt, bad.post_id)
+    assert job.status == JobStatus.pending and job.attempts == 1 and "disk I/O error" in job.last_error
+    assert job.next_attempt_at > utcnow() + timedelta(seconds=50)  # backed off, not retried at once
+    assert f"rationale job for post {bad.post_id} failed" in caplog.text
+
+
+def test_a_job_whose_failures_cant_be_recorded_is_still_given_up(tmp_path, predictor, monkeypatch):
+    """Even when the database refuses every write for a job (its rationale and its reschedule),
+    the attempts counted at each claim end it after rationale_max_attempts: never retried forever."""
+    rt = Runtime(
+        make_settings(tmp_path / "home", rationale_provider="cache", rationale_retry_s=0, rationale_max_attempts=3),
+        predictor=predictor,
+    )
+    logger.create_user(rt, "eve")
+    post = logger.log_post(rt, "eve", "never stored")
+    worker = RationaleWorker(rt, provider=_Echo())
+    monkeypatch.setattr(worker, "_store", _db_error)
+    monkeypatch.setattr(worker, "_reschedule", _db_error)
+    for _ in range(6):
+        assert worker.run_once() == 0  # never raises
+        with Session(rt.engine) as s:  # the claim's lease runs out: due again
+            j = s.get(RationaleJob, post.post_id)
+            j.next_attempt_at = utcnow() - timedelta(seconds=1)
+            s.add(j)
+            s.commit()
+    job = _job(rt, post.post_id)
+    assert job.status == JobStatus.failed and job.attempts == 3 and "gave up after 3 attempts" in job.last_error
+    assert worker.claim_due() == []

@@ -20,7 +20,6 @@ from nightowl.rationales import (
     RationaleCache,
     build_prompt,
     build_provider,
-    cache_key,
     file_sha256,
 )
 from nightowl.settings import Settings
@@ -233,20 +232,77 @@ def test_openai_timeout(server):
 
 def test_cache_hit_miss_and_files(tmp_path):
     cache = RationaleCache(tmp_path / "rc")
-    assert cache.get(TWEET, "iPhone") is None
+    assert cache.get(TWEET, "iPhone", user_id="u1") is None
     with pytest.raises(ProviderUnavailable):
-        cache.generate(TWEET, "iPhone")
-    path = cache.put(TWEET, "iPhone", None, "Some analysis.", provider="x")
-    assert path == cache.path(cache_key(TWEET, "iPhone", None))
-    assert path.name == cache_key(TWEET, "iPhone", None) + ".json"  # a hash, not the text
-    assert json.loads(path.read_text())["rationale"] == "Some analysis."
+        cache.generate(TWEET, "iPhone", user_id="u1")
+    path = cache.put(TWEET, "iPhone", None, "Some analysis.", provider="x", user_id="u1")
+    assert path == cache.path(TWEET, "iPhone", None, "u1")
+    assert path.parent.parent == cache.user_dir("u1")
+    record = json.loads(path.read_text())
+    assert record["rationale"] == "Some analysis." and TWEET not in path.read_text()  # the key names the text
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left behind
-    assert cache.generate(TWEET, "iPhone") == "Some analysis."
+    assert cache.generate(TWEET, "iPhone", user_id="u1") == "Some analysis."
     # Any part of the key changing is a miss.
-    assert cache.get(TWEET, None) is None
-    assert cache.get(TWEET, "iPhone", "0" * 64) is None
+    assert cache.get(TWEET, None, user_id="u1") is None
+    assert cache.get(TWEET, "iPhone", "0" * 64, user_id="u1") is None
     path.write_text("{truncated")  # a damaged entry reads as a miss
-    assert cache.get(TWEET, "iPhone") is None
+    assert cache.get(TWEET, "iPhone", user_id="u1") is None
+
+
+def test_cache_keeps_users_apart_and_names_nothing(tmp_path):
+    """Issue 12 case 6: one user's entry is never another's hit (no timing oracle), and no file or
+    folder name is a raw text, a plain sha256 of it, or a raw user id."""
+    import hashlib
+
+    cache = RationaleCache(tmp_path / "rc")
+    cache.put(TWEET, None, None, "Alice's analysis.", user_id="alice")
+    assert cache.get(TWEET, None, user_id="alice") == "Alice's analysis."
+    assert cache.get(TWEET, None, user_id="bob") is None
+    assert cache.get(TWEET, None) is None  # nor a shared hit
+    names = {p.name for p in (tmp_path / "rc").rglob("*")}
+    plain = hashlib.sha256(json.dumps([TWEET, None, None]).encode()).hexdigest()
+    assert not any("alice" in n or plain in n or "iPhone" in n for n in names)
+    key = tmp_path / "rc" / ".key"
+    assert key.stat().st_mode & 0o777 == 0o600 and len(key.read_bytes()) == 32
+    # Another installation (another key) names the same entry differently: the names can't be
+    # precomputed from a guessed text or user id.
+    other = RationaleCache(tmp_path / "other")
+    assert other.path(TWEET, None, None, "alice").name != cache.path(TWEET, None, None, "alice").name
+    # The same folder read by a new instance (a restart) finds its entries again.
+    assert RationaleCache(tmp_path / "rc").get(TWEET, None, user_id="alice") == "Alice's analysis."
+
+
+def test_purge_user_removes_every_entry_of_that_user_only(tmp_path):
+    cache = RationaleCache(tmp_path / "rc")
+    assert cache.purge_user("nobody") is False  # no key yet: nothing to purge, nothing created
+    for i in range(5):
+        cache.put(f"alice's secret {i}", None, None, f"analysis {i}", user_id="alice")
+    cache.put("bob's words", None, None, "bob's analysis", user_id="bob")
+    cache.put("teacher text", None, None, "shared analysis")  # an operator's shared entry
+    assert cache.purge_user("alice") is True
+    assert not cache.user_dir("alice").exists()
+    assert all(cache.get(f"alice's secret {i}", None, user_id="alice") is None for i in range(5))
+    assert cache.get("bob's words", None, user_id="bob") == "bob's analysis"
+    assert cache.get("teacher text", None, user_id="carol") == "shared analysis"
+    assert not list((tmp_path / "rc" / "users").glob(".purge-*"))
+    assert cache.purge_user("alice") is False
+
+
+def test_legacy_plaintext_entries_go_and_imports_are_kept(tmp_path):
+    """The unkeyed layout stored users' texts in plain JSON: the first keyed use drops them, but
+    keeps imported teacher rationales (now shared)."""
+    rc = tmp_path / "rc"
+    (rc / "ab").mkdir(parents=True)
+    (rc / "ab" / ("ab" + "0" * 62 + ".json")).write_text(
+        json.dumps({"text": "a user's words", "aspect": None, "image_sha256": None, "rationale": "r", "provider": "openai:m"})
+    )
+    (rc / "ab" / ("ab" + "1" * 62 + ".json")).write_text(
+        json.dumps({"text": "teacher", "aspect": "x", "image_sha256": None, "rationale": "t", "provider": "import:t.jsonl"})
+    )
+    cache = RationaleCache(rc)
+    assert cache.get("teacher", "x", user_id="anyone") == "t"
+    assert not (rc / "ab").exists()
+    assert not any("a user's words" in p.read_text() for p in rc.rglob("*.json"))
 
 
 def test_cached_provider_generates_once(server, tmp_path):
@@ -258,17 +314,28 @@ def test_cached_provider_generates_once(server, tmp_path):
     assert p.name == "openai:m"
     # Concurrent requests for the same post wait for one generation.
     results: list[str] = []
-    threads = [threading.Thread(target=lambda: results.append(p.generate(TWEET, "camera", image))) for _ in range(3)]
+    threads = [
+        threading.Thread(target=lambda: results.append(p.generate(TWEET, "camera", image, user_id="u")))
+        for _ in range(3)
+    ]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert results == ["Slow but fine."] * 3
-    assert p.generate(TWEET, "camera", image) == "Slow but fine."
+    assert p.generate(TWEET, "camera", image, user_id="u") == "Slow but fine."
     assert len(server.requests) == 1
-    assert cache.get(TWEET, "camera", file_sha256(image)) == "Slow but fine."
-    p.generate(TWEET, "battery", image)  # another aspect: another generation
+    assert cache.get(TWEET, "camera", file_sha256(image), user_id="u") == "Slow but fine."
+    p.generate(TWEET, "battery", image, user_id="u")  # another aspect: another generation
     assert len(server.requests) == 2
+    # Another user posting the same text is not served from the first user's entry.
+    p.generate(TWEET, "camera", image, user_id="v")
+    assert len(server.requests) == 3
+    # Without a user nothing is written: a text no one owns is never a hit for anyone.
+    p.generate("ownerless", None)
+    p.generate("ownerless", None)
+    assert len(server.requests) == 5
+    assert cache.get("ownerless", None) is None
 
 
 def test_cached_provider_does_not_cache_failures(tmp_path):
@@ -280,7 +347,7 @@ def test_cached_provider_does_not_cache_failures(tmp_path):
 
     p = CachedProvider(Down(), RationaleCache(tmp_path))
     with pytest.raises(ProviderUnavailable):
-        p.generate(TWEET, None)
+        p.generate(TWEET, None, user_id="u")
     assert not any(tmp_path.rglob("*.json"))
 
 
@@ -297,15 +364,34 @@ def test_import_jsonl(tmp_path):
     src.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
     cache = RationaleCache(tmp_path / "rc")
     assert cache.import_jsonl(src) == 3
+    # Imported rationales are shared: every user (and a provider without a user) reads them.
     assert cache.generate(TWEET, "iPhone") == "About the phone."
-    assert cache.generate(TWEET, None, image) == "With a picture."
+    assert cache.generate(TWEET, "iPhone", user_id="anyone") == "About the phone."
+    assert cache.generate(TWEET, None, image, user_id="u2") == "With a picture."
     assert cache.get("plain", None, "f" * 64) == "By hash."
+    assert not (tmp_path / "rc" / "users").exists()
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"text": "new", "rationale": "ok"}) + "\n" + json.dumps({"text": "x"}) + "\n")
     with pytest.raises(ValueError, match="bad.jsonl:2"):
         cache.import_jsonl(bad)
     assert cache.get("new", None) is None  # nothing from a bad file is imported
+
+
+def test_generate_for_tells_caching_providers_whose_post_it_is(tmp_path):
+    class Plain:  # a provider that knows nothing of users (the LM itself, a test double)
+        name = "plain"
+
+        def generate(self, text, aspect, image_path=None):
+            return f"about {text}"
+
+    cache = RationaleCache(tmp_path / "rc")
+    assert rationales.generate_for(Plain(), "u", "x", None) == "about x"
+    p = CachedProvider(Plain(), cache)
+    assert rationales.generate_for(p, "u", "x", None) == "about x"
+    assert cache.get("x", None, user_id="u") == "about x"
+    rationales.forget_for(p, "u", "x", None, None)
+    assert cache.get("x", None, user_id="u") is None
 
 
 # --------------------------------------------------------------------------- factory

@@ -58,8 +58,9 @@ def test_acknowledged_feedback_survives_kill_9(tmp_path):
     try:
         stored: dict[str, list[str]] = {}
         for user, h in tokens.items():
-            items = httpx.get(f"{restarted.url}/v1/users/{user}/posts?limit=5", headers=h).json()["items"]
-            stored[user] = [f["idempotency_key"] for item in items for f in item["feedback"]]
+            # the history carries a post's newest feedback only: page through all of it
+            url = f"{restarted.url}/v1/users/{user}/posts/{posts[user]}/feedback?limit=500"
+            stored[user] = [f["idempotency_key"] for f in httpx.get(url, headers=h).json()["items"]]
         for user, key in acked:
             assert stored[user].count(key) == 1, f"acknowledged feedback {key} lost or duplicated"
         # A client retrying everything it sent (acknowledged or not) still stores each key once.

@@ -1,19 +1,40 @@
-"""Feedback: the label a user says is right for one of their posts."""
+"""Feedback: the label a user says is right for one of their posts, and a post's feedback page by page."""
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Query
 from fastapi.responses import JSONResponse
 
-from nightowl.api.deps import CallerDep, RuntimeDep
+from nightowl.api.deps import CallerDep, JSONBodyRoute, RuntimeDep, UserIdPath
 from nightowl.api.errors import ERROR_RESPONSES
 from nightowl.day import logger
-from nightowl.schemas import FeedbackIn, FeedbackOut
+from nightowl.schemas import MAX_ID, FeedbackIn, FeedbackList, FeedbackOut
 
-router = APIRouter(tags=["feedback"], responses=ERROR_RESPONSES)
+router = APIRouter(tags=["feedback"], responses=ERROR_RESPONSES, route_class=JSONBodyRoute)
 
 
-@router.post("/v1/users/{user_id}/feedback", response_model=FeedbackOut, status_code=201)
-def log_feedback(user_id: str, body: FeedbackIn, rt: RuntimeDep, caller: CallerDep) -> JSONResponse:
+@router.post(
+    "/v1/users/{user_id}/feedback",
+    response_model=FeedbackOut,
+    status_code=201,
+    responses={200: {"model": FeedbackOut, "description": "A retry of a stored idempotency key: the stored feedback."}},
+)
+def log_feedback(user_id: UserIdPath, body: FeedbackIn, rt: RuntimeDep, caller: CallerDep) -> JSONResponse:
     """Record the label the user says is right. A retry with the same idempotency_key returns 200."""
     caller.require_user(user_id)
     out = logger.log_feedback(rt, user_id, body.post_id, body.label, body.reason, body.idempotency_key)
     return JSONResponse(out.model_dump(mode="json"), status_code=200 if out.duplicate else 201)
+
+
+@router.get("/v1/users/{user_id}/posts/{post_id}/feedback", response_model=FeedbackList)
+def list_feedback(
+    user_id: UserIdPath,
+    post_id: Annotated[int, Path(ge=1, le=MAX_ID)],
+    rt: RuntimeDep,
+    caller: CallerDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 20,
+    offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
+) -> FeedbackList:
+    """All of a post's feedback, oldest first, a page at a time (the history carries only the newest)."""
+    caller.require_user(user_id)
+    return logger.list_feedback(rt, user_id, post_id, limit, offset)

@@ -1,6 +1,6 @@
 """Posts: log one (JSON with a base64 image, or multipart with an image file) and list a user's posts."""
 
-import json
+from contextlib import aclosing
 from typing import Annotated, NamedTuple
 
 from fastapi import APIRouter, Query, Request
@@ -8,12 +8,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 
-from nightowl.api.deps import CallerDep, RuntimeDep
+from nightowl.api.deps import CallerDep, RuntimeDep, UserIdPath, parse_json_body
 from nightowl.api.errors import ERROR_RESPONSES, validation_message
 from nightowl.day import logger
 from nightowl.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
 from nightowl.schemas import MAX_ID, PostForm, PostJSON, PostList, PostLogged
+from nightowl.settings import LimitSettings
 
 router = APIRouter(tags=["posts"], responses=ERROR_RESPONSES)
 
@@ -39,12 +41,19 @@ class PostBody(NamedTuple):
     idempotency_key: str | None
 
 
-@router.post("/v1/users/{user_id}/posts", response_model=PostLogged, status_code=201, openapi_extra=BOTH_BODIES)
-async def log_post(user_id: str, request: Request, rt: RuntimeDep, caller: CallerDep) -> JSONResponse:
+@router.post(
+    "/v1/users/{user_id}/posts",
+    response_model=PostLogged,
+    status_code=201,
+    responses={200: {"model": PostLogged, "description": "A retry of a stored idempotency key: the stored answer."}},
+    openapi_extra=BOTH_BODIES,
+)
+async def log_post(user_id: UserIdPath, request: Request, rt: RuntimeDep, caller: CallerDep) -> JSONResponse:
     """Log a post (JSON with base64 image, or multipart with an image file); returns the user's prediction.
     A retry with the same idempotency_key returns 200 and the stored answer."""
     caller.require_user(user_id)
     post = await read_post_body(request, rt.settings.limits.max_image_bytes)
+    _check_lengths(post, rt.settings.limits)
     out = await run_in_threadpool(
         logger.log_post, rt, user_id, post.text, post.aspect, post.image, post.idempotency_key, post.context
     )
@@ -54,13 +63,13 @@ async def log_post(user_id: str, request: Request, rt: RuntimeDep, caller: Calle
 
 @router.get("/v1/users/{user_id}/posts", response_model=PostList)
 def list_posts(
-    user_id: str,
+    user_id: UserIdPath,
     rt: RuntimeDep,
     caller: CallerDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 20,
     offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
 ) -> PostList:
-    """The user's posts, newest first, with predictions and feedback."""
+    """The user's posts, newest first, with predictions and each post's newest feedback (and its count)."""
     caller.require_user(user_id)
     return logger.list_posts(rt, user_id, limit, offset)
 
@@ -74,24 +83,54 @@ async def read_post_body(request: Request, max_image_bytes: int) -> PostBody:
     raise UnsupportedMediaType("send the post as application/json or multipart/form-data")
 
 
+def _check_lengths(post: PostBody, limits: LimitSettings) -> None:
+    # What was sent, before logger.log_post strips it: the limit the schema documents (maxLength).
+    for name, value, limit in (("aspect", post.aspect, limits.max_aspect_chars), ("context", post.context, limits.max_text_chars)):
+        if value is not None and len(value) > limit:
+            raise InvalidInput(f"{name} is {len(value)} characters; the limit is {limit}")
+
+
 async def _read_json(request: Request) -> PostBody:
+    data = parse_json_body(await request.body())
     try:
-        body = PostJSON.model_validate(json.loads(await request.body()))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        raise InvalidInput("request body is not valid JSON (or nests too deeply)") from None
+        body = PostJSON.model_validate(data)
     except ValidationError as exc:
         raise InvalidInput(validation_message(exc)) from None
     image = logger.decode_base64_image(body.image_base64) if body.image_base64 else None
     return PostBody(body.text, body.aspect, body.context, image, body.idempotency_key)
 
 
+class _UTF8MultiPartParser(MultiPartParser):
+    """Starlette's multipart parser, except that a text field that isn't UTF-8 is refused
+    (Starlette falls back to Latin-1, which would store mojibake as the user's words)."""
+
+    def on_part_end(self) -> None:
+        part = self._current_part
+        if part.file is not None:
+            return super().on_part_end()
+        try:
+            value = bytes(part.data).decode("utf-8")
+        except UnicodeDecodeError:
+            raise MultiPartException(f"form field {part.field_name!r} is not valid UTF-8 text") from None
+        self.items.append((part.field_name, value))
+
+
 async def _read_multipart(request: Request, max_image_bytes: int) -> PostBody:
     try:
-        form = await request.form(max_files=1, max_fields=10)
-    except Exception as exc:  # starlette raises several types for malformed multipart
+        async with aclosing(request.stream()) as stream:
+            form = await _UTF8MultiPartParser(request.headers, stream, max_files=1, max_fields=10).parse()
+    except MultiPartException as exc:
+        raise InvalidInput(f"malformed multipart body: {exc.message}") from None
+    except Exception as exc:  # python-multipart raises several types for malformed bodies
         raise InvalidInput(f"malformed multipart body: {exc}") from None
-    fields = {name: _text_field(form, name) for name in FORM_TEXT_FIELDS}
-    return PostBody(image=await _image_file(form, max_image_bytes), **fields)
+    try:
+        unknown = sorted(set(form.keys()) - set(PostForm.model_fields))
+        if unknown:
+            raise InvalidInput("; ".join(f"{name}: Extra inputs are not permitted" for name in unknown))
+        fields = {name: _text_field(form, name) for name in FORM_TEXT_FIELDS}
+        return PostBody(image=await _image_file(form, max_image_bytes), **fields)
+    finally:
+        await form.close()
 
 
 def _text_field(form: FormData, name: str) -> str | None:

@@ -2,12 +2,12 @@
 
 from fastapi import APIRouter
 
-from nightowl.api.deps import CallerDep, RuntimeDep
+from nightowl.api.deps import CallerDep, JSONBodyRoute, RuntimeDep, UserIdPath
 from nightowl.api.errors import ERROR_RESPONSES
 from nightowl.day import logger
 from nightowl.schemas import UserCreate, UserCreated
 
-router = APIRouter(tags=["users"], responses=ERROR_RESPONSES)
+router = APIRouter(tags=["users"], responses=ERROR_RESPONSES, route_class=JSONBodyRoute)
 
 
 @router.post("/v1/users", response_model=UserCreated, status_code=201)
@@ -17,7 +17,7 @@ def create_user(body: UserCreate, rt: RuntimeDep, caller: CallerDep) -> UserCrea
 
 
 @router.delete("/v1/users/{user_id}")
-def delete_user(user_id: str, rt: RuntimeDep, caller: CallerDep) -> dict[str, int]:
+def delete_user(user_id: UserIdPath, rt: RuntimeDep, caller: CallerDep) -> dict[str, int]:
     """Delete a user: rows, replay vectors, adapters and images no one else posted (admin)."""
     caller.require_admin()
     return logger.delete_user(rt, user_id)
