@@ -2,9 +2,11 @@
 
 Starts `nightowl serve` on the embedded default (SQLite WAL, synchronous=FULL, packaged model)
 in a temporary home, drives it over HTTP from client threads on the same machine, and writes
-`benchmarks/results/ingest.json`.
+`benchmarks/results/ingest.json`. Feedback ingest runs twice, with one commit per request (the
+default) and with group commit (`NIGHTOWL_INGEST_GROUP_COMMIT=true`), each with 1, 8, 32 and
+128 concurrent clients, all in one run so the rows compare as ratios.
 
-    python -m benchmarks.ingest [--feedback 3000] [--clients 8] [--posts 200]
+    python -m benchmarks.ingest [--feedback 4000] [--clients 1 8 32 128] [--posts 200]
 """
 
 from __future__ import annotations
@@ -120,42 +122,68 @@ def sample_image() -> bytes:
     return buf.getvalue()
 
 
+def make_users(url: str) -> dict:
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    users = {}
+    for k in range(4):
+        user = f"bench{k}"
+        token = httpx.post(f"{url}/v1/users", json={"user_id": user}, headers=admin).json()["token"]
+        headers = {"Authorization": f"Bearer {token}"}
+        post_id = httpx.post(
+            f"{url}/v1/users/{user}/posts", json={"text": "warm-up"}, headers=headers, timeout=60
+        ).json()["post_id"]
+        users[user] = (headers, post_id)
+    return users
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--feedback", type=int, default=3000)
-    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--feedback", type=int, default=4000, help="events per row")
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 128])
     ap.add_argument("--posts", type=int, default=200)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
 
+    rows = []
     with tempfile.TemporaryDirectory(prefix="nightowl-bench-") as tmp:
         env = {"NIGHTOWL_ADMIN_TOKEN": ADMIN, "NIGHTOWL_RATIONALE_PROVIDER": "none"}
-        with ServerProcess(Path(tmp) / "home", env=env) as server:
-            admin = {"Authorization": f"Bearer {ADMIN}"}
-            users = {}
-            for k in range(4):
-                user = f"bench{k}"
-                token = httpx.post(f"{server.url}/v1/users", json={"user_id": user}, headers=admin).json()["token"]
-                headers = {"Authorization": f"Bearer {token}"}
-                post_id = httpx.post(
-                    f"{server.url}/v1/users/{user}/posts", json={"text": "warm-up"}, headers=headers, timeout=60
-                ).json()["post_id"]
-                users[user] = (headers, post_id)
+        for mode in ("per_request", "group"):
+            mode_env = {**env, "NIGHTOWL_INGEST_GROUP_COMMIT": "true" if mode == "group" else "false"}
+            with ServerProcess(Path(tmp) / f"home-{mode}", env=mode_env) as server:
+                users = make_users(server.url)
+                for clients in args.clients:
+                    # per-request commit is the disk's fsync rate: fewer events give as steady a figure
+                    total = args.feedback
+                    total = max(total, clients)
+                    row = feedback_throughput(server.url, users, total, clients=clients, run=f"{mode}-{clients}")
+                    rows.append({"commit": mode, **row})
+                    print(f"{mode:12s} {clients:4d} clients: {row['events_per_s']:8.1f} events/s, "
+                          f"p50 {row['latency']['p50_ms']} ms, p99 {row['latency']['p99_ms']} ms, {row['errors']} errors",
+                          flush=True)
+                if mode == "per_request":  # the default's server
+                    user, (headers, _) = next(iter(users.items()))
+                    text_posts = post_latency(server.url, user, headers, args.posts, image=None)
+                    image_posts = post_latency(server.url, user, headers, max(20, args.posts // 4), image=sample_image())
 
-            fb_single = feedback_throughput(server.url, users, max(200, args.feedback // 5), clients=1, run="single")
-            fb_concurrent = feedback_throughput(server.url, users, args.feedback, clients=args.clients, run="concurrent")
-            user, (headers, _) = next(iter(users.items()))
-            text_posts = post_latency(server.url, user, headers, args.posts, image=None)
-            image_posts = post_latency(server.url, user, headers, max(20, args.posts // 4), image=sample_image())
+    def row(mode: str, clients: int) -> dict | None:
+        return next((r for r in rows if r["commit"] == mode and r["clients"] == clients), None)
 
+    for r in rows:
+        base = row("per_request", r["clients"])
+        if r["commit"] == "group" and base:
+            r["x_per_request"] = round(r["events_per_s"] / base["events_per_s"], 2)
+    default = [r for r in rows if r["commit"] == "per_request"]
     result = {
         "benchmark": "ingest",
-        "command": "python -m benchmarks.ingest " + f"--feedback {args.feedback} --clients {args.clients} --posts {args.posts}",
+        "command": "python -m benchmarks.ingest " + f"--feedback {args.feedback} "
+        f"--clients {' '.join(map(str, args.clients))} --posts {args.posts}",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "store": "SQLite WAL, synchronous=FULL (each acknowledged event fsync'd before the answer)",
         "training_paused": "run with no other load on the machine",
-        "feedback_ingest_1_client": fb_single,
-        "feedback_ingest_concurrent": fb_concurrent,
+        "feedback_ingest": rows,
+        # the product's default (settings.ingest_group_commit = false)
+        "feedback_ingest_1_client": row("per_request", 1) or default[0],
+        "feedback_ingest_concurrent": row("per_request", 32) or default[-1],
         "post_latency_text": text_posts,
         "post_latency_with_image": image_posts,
         "notes": "Clients and server share this machine's cores; latencies are client-measured round trips.",

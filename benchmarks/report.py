@@ -83,11 +83,12 @@ def systems_table() -> str:
     """The day side, the FAISS memory, the nightly cost and inference, from their results files."""
     lines = ["| benchmark | figure | on this machine |", "|---|---|---|"]
     ingest = json.loads((RESULTS / "ingest.json").read_text())
-    for key, what in (("feedback_ingest_1_client", "1 client"), ("feedback_ingest_concurrent", None)):
-        r = ingest[key]
-        what = what or f"{r['clients']} concurrent clients"
-        lines.append(f"| `benchmarks.ingest` | durable feedback ingest, {what} | {r['events_per_s']:.1f} events/s "
-                     f"({_lat(r['latency'])}), {r['errors']} errors |")
+    modes = {"group": "group commit", "per_request": "per-request commit"}
+    for i, r in enumerate(ingest["feedback_ingest"]):
+        ratio = f", {r['x_per_request']:.1f}x per-request" if "x_per_request" in r else ""
+        lines.append(f"| {'`benchmarks.ingest`' if i == 0 else ''} | durable feedback ingest, {modes[r['commit']]}, "
+                     f"{r['clients']} client{'s' if r['clients'] > 1 else ''} | {r['events_per_s']:.1f} events/s "
+                     f"({_lat(r['latency'])}){ratio}, {r['errors']} errors |")
     lines.append(f"| | post latency, text (prediction included) | {_lat(ingest['post_latency_text'])} |")
     lines.append(f"| | post latency, with a 224 px image | {_lat(ingest['post_latency_with_image'])} |")
     faiss = json.loads((RESULTS / "faiss_memory.json").read_text())

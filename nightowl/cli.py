@@ -163,6 +163,41 @@ def feedback(
 
 @app.command()
 @cli_errors
+def consume(
+    url: Annotated[Optional[str], typer.Option(help="NATS URL; default: settings' broker.url.")] = None,
+    until_idle: Annotated[bool, typer.Option(help="Exit once no message is waiting (else run until Ctrl-C/SIGTERM).")] = False,
+    concurrency: Annotated[int, typer.Option(min=1, help="Messages stored at once.")] = 8,
+) -> None:
+    """Store posts and feedback from NATS JetStream (README: "Broker"); acked after commit, poison to the DLQ."""
+    import asyncio
+    import signal
+
+    from nats.errors import NoServersError
+
+    from nightowl.day.consumer import Consumer
+    from nightowl.errors import Unavailable
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    rt = _runtime()
+    cfg = rt.settings.broker if url is None else rt.settings.broker.model_copy(update={"url": url})
+    consumer = Consumer(rt, cfg, concurrency=concurrency)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # finish the batch in hand, ack it, then exit
+            loop.add_signal_handler(sig, consumer.stop)
+        typer.echo(f"nightowl: consuming {cfg.stream}/{cfg.durable} from {cfg.url}", err=True)
+        return await consumer.run(until_idle=until_idle)
+
+    try:
+        stats = asyncio.run(main())
+    except NoServersError:
+        raise Unavailable(f"broker {cfg.url} unreachable (start one: nats-server -js -a 127.0.0.1 -p 4222)") from None
+    _emit(stats.as_dict())
+
+
+@app.command()
+@cli_errors
 def history(
     user_id: str,
     limit: Annotated[int, typer.Option(min=1, max=500)] = 20,

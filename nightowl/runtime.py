@@ -49,6 +49,8 @@ class Runtime:
         )
         self._predictor_lock = threading.Lock()
         self._predictor: Predictor | None = predictor
+        # Parts started on first use (the day's group committer) that must stop before the engine.
+        self.closers: list = []
 
     @property
     def predictor_loaded(self) -> bool:
@@ -119,6 +121,8 @@ class Runtime:
         ReplayMemory(self.settings.memory_dir, None, "", self.labels).delete_user(user_id)
 
     def close(self) -> None:
+        while self.closers:  # first: a group committer commits what is queued
+            self.closers.pop()()
         self.engine.dispose()
 
 

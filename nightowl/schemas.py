@@ -150,6 +150,12 @@ class Health(BaseModel):
         default=None, description="Whether this server's rationale worker runs; null: it started none."
     )
     disk_free_bytes: int | None = Field(default=None, description="Free space on the disk holding the home folder.")
+    broker_lag: int | None = Field(
+        default=None,
+        description="Broker messages the consumer has not yet stored (pending + unacked); "
+        "null: no broker configured, or it did not answer in time (the HTTP API doesn't need it: "
+        "that alone never makes the status degraded).",
+    )
 
 
 class ErrorOut(BaseModel):

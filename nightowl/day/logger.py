@@ -23,6 +23,8 @@ from sqlmodel import Session, col, delete, select
 
 from nightowl.adapters import registry
 from nightowl.auth import hash_token, new_token, validate_user_id
+from nightowl.day import broker
+from nightowl.day.group_commit import committer_for
 from nightowl.errors import (
     Conflict,
     InvalidInput,
@@ -125,6 +127,7 @@ def health(rt: Runtime, worker_alive: bool | None = None) -> Health:
         rationale_lag_s=lag_s,
         rationale_worker_alive=worker_alive,
         disk_free_bytes=free,
+        broker_lag=broker.lag_now(rt.settings.broker),  # None, connecting to nothing, with no broker configured
     )
 
 
@@ -434,19 +437,34 @@ def log_feedback(
     _check_unicode("reason", reason)
     key = _check_key(rt, idempotency_key, "feedback") or uuid.uuid4().hex
 
+    def write(s: Session) -> FeedbackOut:
+        require_user(s, user_id)
+        existing = _feedback_by_key(s, user_id, key)
+        if existing is not None:
+            return _same_feedback_or_conflict(existing, post_id, label, reason)
+        post = s.get(Post, post_id)
+        if post is None or post.user_id != user_id:
+            raise NotFound(f"post {post_id} not found for user {user_id!r}")
+        fb = Feedback(user_id=user_id, post_id=post_id, label=label, reason=reason, idempotency_key=key)
+        s.add(fb)
+        s.flush()
+        return _feedback_out(fb)
+
+    if rt.settings.ingest_group_commit:
+        # One transaction and one flush for all concurrent requests; answered once it is on disk.
+        def stored_meanwhile(s: Session, exc: Exception) -> FeedbackOut:
+            if not isinstance(exc, IntegrityError):
+                raise exc
+            existing = _feedback_by_key(s, user_id, key)  # the key, stored by another process: as below
+            if existing is None:
+                raise exc
+            return _same_feedback_or_conflict(existing, post_id, label, reason)
+
+        return committer_for(rt).submit(write, stored_meanwhile)
+
     try:
         with session_scope(rt.engine) as s:
-            require_user(s, user_id)
-            existing = _feedback_by_key(s, user_id, key)
-            if existing is not None:
-                return _same_feedback_or_conflict(existing, post_id, label, reason)
-            post = s.get(Post, post_id)
-            if post is None or post.user_id != user_id:
-                raise NotFound(f"post {post_id} not found for user {user_id!r}")
-            fb = Feedback(user_id=user_id, post_id=post_id, label=label, reason=reason, idempotency_key=key)
-            s.add(fb)
-            s.flush()
-            return _feedback_out(fb)
+            return write(s)
     except IntegrityError:
         with session_scope(rt.engine) as s:
             existing = _feedback_by_key(s, user_id, key)

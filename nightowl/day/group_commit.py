@@ -1,0 +1,168 @@
+"""Group commit: concurrent requests' writes share one transaction and one flush to disk.
+
+A durable commit costs one fsync (SQLite WAL with synchronous=FULL, PostgreSQL's WAL flush), and
+the disk allows a few hundred of them a second. A request that has validated everything it can
+on its own hands its write to the runtime's one committer thread and waits. The committer takes
+everything that is waiting (no artificial delay: what queued while the last commit was flushing
+is the next group), runs each request's write in its own SAVEPOINT inside ONE transaction, commits
+once, and only then answers every request in the group.
+
+- One bad request never fails its neighbours: its write raises inside its savepoint, which is
+  rolled back; the request gets that exception (the same one the per-request path raises), the
+  others go on.
+- Later writes in a group see earlier ones (same session): a retry of an idempotency key that
+  arrives in the same group finds the row its twin just wrote.
+- A request is answered only after the commit holding its row returned. If the commit fails,
+  every request of the group gets the error: nothing acknowledged that is not on disk.
+- `close()` commits whatever was queued before it; a request that arrives after gets an error.
+  Nothing queued is dropped silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Callable, TypeVar
+
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from nightowl.errors import Unavailable
+from nightowl.memory.db import BUSY_TIMEOUT_S, session_scope
+from nightowl.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# The most requests in one transaction: bounds a group's latency and the time the write lock is held.
+MAX_BATCH = 256
+# How long a request waits for its group's commit before it is answered 503 (only if its write
+# was not started yet; one being written is waited for, as its outcome is then decided by the commit).
+WAIT_S = BUSY_TIMEOUT_S * 2
+
+_STOP = object()
+_create_lock = threading.Lock()
+
+
+class GroupCommitter:
+    """One per engine: a queue of writes and the one thread that commits them in groups."""
+
+    def __init__(self, engine: Engine, max_batch: int = MAX_BATCH, name: str = "nightowl-group-commit"):
+        self.engine = engine
+        self.max_batch = max_batch
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+        # Counters (tests, benchmarks): groups committed and the writes in them.
+        self.groups = 0
+        self.writes = 0
+
+    def submit(
+        self, write: Callable[[Session], T], recover: Callable[[Session, Exception], T] | None = None
+    ) -> T:
+        """Run `write(session)` in its own savepoint in the next group; return its result once that
+        group is committed. If it raises, its savepoint is rolled back and `recover(session, exc)`,
+        when given, answers instead (e.g. a unique key stored meanwhile: the stored row)."""
+        fut = self._enqueue(write, recover)
+        try:
+            return fut.result(timeout=WAIT_S)
+        except FutureTimeout:
+            if fut.cancel():  # never started: nothing of it was written
+                raise Unavailable(f"the database is busy: not written within {WAIT_S} s; retry later") from None
+            return fut.result()  # being written: the commit decides, and answers soon
+
+    def _enqueue(self, write: Callable, recover: Callable | None) -> Future:
+        fut: Future = Future()
+        with self._lock:
+            if self._closed:
+                raise Unavailable("the server is shutting down; retry later")
+            self._queue.put((write, recover, fut))
+        return fut
+
+    def close(self, timeout: float | None = None) -> None:
+        """Commit what is queued, stop the thread; anything left (thread stuck) gets an error."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(_STOP)
+        self._thread.join(timeout)
+        while True:  # only if the thread did not finish in time: never leave a request waiting
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP and item[-1].set_running_or_notify_cancel():
+                item[-1].set_exception(Unavailable("the server shut down before this was written; retry"))
+        self._queue.put(_STOP)  # a thread still busy stops when it is done
+
+    # -- the committer thread -----------------------------------------------------------------
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            item = self._queue.get()
+            batch = []
+            while True:
+                if item is _STOP:
+                    stopping = True
+                elif item[-1].set_running_or_notify_cancel():  # False: its request gave up waiting
+                    batch.append(item)
+                if stopping or len(batch) >= self.max_batch:
+                    break
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                try:
+                    self._commit(batch)
+                except BaseException as exc:  # noqa: BLE001 - every waiter must get an answer
+                    log.exception("group commit failed")
+                    for *_, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(exc)
+
+    def _commit(self, batch: list) -> None:
+        results: list[tuple[Future, bool, object]] = []
+        with session_scope(self.engine) as s:
+            for write, recover, fut in batch:
+                try:
+                    with s.begin_nested():  # a SAVEPOINT: a failing write undoes only itself
+                        results.append((fut, True, write(s)))
+                except Exception as exc:  # noqa: BLE001 - handed to its own request
+                    if not s.in_transaction():  # the transaction itself is gone: stop here
+                        raise
+                    if recover is None:
+                        results.append((fut, False, exc))
+                        continue
+                    try:
+                        results.append((fut, True, recover(s, exc)))
+                    except Exception as exc2:  # noqa: BLE001
+                        results.append((fut, False, exc2))
+        # Committed (session_scope returned): now, and only now, answer.
+        self.groups += 1
+        self.writes += len(batch)
+        for fut, ok, value in results:
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
+
+
+def committer_for(rt: Runtime) -> GroupCommitter:
+    """The runtime's committer, started on first use and stopped by `rt.close()`."""
+    c = getattr(rt, "_group_committer", None)
+    if c is None:
+        with _create_lock:
+            c = getattr(rt, "_group_committer", None)
+            if c is None:
+                c = GroupCommitter(rt.engine)
+                rt.closers.append(c.close)
+                rt._group_committer = c
+    return c
