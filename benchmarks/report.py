@@ -111,6 +111,18 @@ def systems_table() -> str:
         f"(hit rate {100 * inf['users_cycling']['hit_rate']:.0f}%) | {_lat(inf['users_cycling'])} |",
         f"| | one user adapter on disk | {inf['adapter_bytes']:,} bytes |",
     ]
+    broker = RESULTS / "ingest_broker.json"
+    if broker.exists():
+        r = json.loads(broker.read_text())
+        t, lat, k = r["throughput"], r["latency"], r["kill9"]
+        lines += [
+            f"| `benchmarks.ingest_broker` | durable consume from NATS JetStream, {t['events']:,} feedback | "
+            f"{t['events_per_s']:,} events/s, {t['duplicates']} stored twice |",
+            f"| | publish -> committed at {lat['rate_per_s']:.0f}/s offered | p50 {lat['p50_ms']:.1f} ms, "
+            f"p99 {lat['p99_ms']:.1f} ms |",
+            f"| | kill -9 of the consumer under load, {k['trials']} trials | {k['lost']} lost, "
+            f"{k['stored_twice']} stored twice |",
+        ]
     memory = RESULTS / "request_memory.json"
     if memory.exists():
         rows = json.loads(memory.read_text())["rows"]

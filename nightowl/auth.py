@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 from nightowl.errors import Forbidden, InvalidInput
+from nightowl.io import write_once
 
 # User ids become URL segments and database keys, never path components; still, keep them to
 # an alphabet that can't mean anything to a file system or a URL.
@@ -90,8 +90,6 @@ def load_or_create_admin_token(configured: str | None, home: Path) -> tuple[str,
     if path.exists():
         return hash_token(path.read_text().strip()), None
     token = new_token()
-    home.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token + "\n")
+    if not write_once(path, (token + "\n").encode()):  # another process generated one first: use it
+        return hash_token(path.read_text().strip()), None
     return hash_token(token), token

@@ -74,6 +74,30 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def write_once(path: Path, data: bytes) -> bool:
+    """Create `path` holding `data` unless it exists; never replaces it. True when this call made it.
+
+    For files that must stay as first written (a generated secret, an admin token): concurrent
+    creators all end up reading the first one's bytes, and no reader sees a half-written file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # 0600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(name, path)  # atomic, and fails rather than replace
+        except FileExistsError:
+            return False
+    finally:
+        Path(name).unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    return True
+
+
 def atomic_folder(final: Path, fill: Callable[[Path], None], *, replace: bool = False) -> None:
     """`fill(tmp)` writes a folder's files into `tmp`; then it becomes `final` in one rename.
 

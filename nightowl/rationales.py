@@ -27,7 +27,6 @@ import os
 import re
 import secrets
 import shutil
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import httpx
 
-from nightowl.io import atomic_folder, atomic_write_text, fsync_dir
+from nightowl.io import atomic_folder, atomic_write_text, write_once
 
 if TYPE_CHECKING:
     from nightowl.settings import OpenAISettings, Settings
@@ -420,19 +419,7 @@ class RationaleCache:
         created = False
         if not path.exists():
             self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".key.", suffix=".tmp")  # mkstemp: 0600
-            try:
-                os.write(fd, secrets.token_bytes(32))
-                os.fsync(fd)
-                os.close(fd)
-                try:
-                    os.link(tmp, path)  # never replaces: concurrent creators all keep the first key
-                    created = True
-                except FileExistsError:
-                    pass
-            finally:
-                Path(tmp).unlink(missing_ok=True)
-            fsync_dir(self.dir)
+            created = write_once(path, secrets.token_bytes(32))  # concurrent creators keep the first key
         secret = path.read_bytes()
         if len(secret) < 32:
             raise RuntimeError(f"{path} is damaged ({len(secret)} bytes); remove the folder {self.dir} to start over")

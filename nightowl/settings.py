@@ -171,10 +171,10 @@ class Settings(BaseSettings):
     timezone: str | None = Field(default=None, description="IANA zone for nightly_time; default: local.")
     adapter_cache_size: int = Field(default=64, ge=1, description="User adapters kept loaded (LRU).")
     replay_capacity: int = Field(default=2000, ge=1, description="Examples per user in the FAISS replay memory.")
-    # Off by default, following the measurement (benchmarks/results/ingest.json, this 2-core machine):
-    # one server process is CPU-bound at about 280 feedback/s, so grouping commits gives no more
-    # throughput over HTTP and its p99 at 32 clients was twice the per-request one. In-process
-    # callers with many threads (the broker consumer) gain: about 1,075 vs 816 commits/s at 32.
+    # Off by default, following `python -m benchmarks.ingest` (both modes in one run, results in
+    # benchmarks/results/ingest.json): on a 2-core machine one server process is CPU-bound, not
+    # flush-bound, so grouping commits gave no clear throughput gain over HTTP and a longer p99.
+    # It is meant for deployments where the disk's flush is the limit (several workers).
     ingest_group_commit: bool = Field(
         default=False,
         description="Feedback from concurrent requests is committed in groups: one transaction and one "

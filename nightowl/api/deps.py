@@ -7,7 +7,7 @@ from collections.abc import Callable, Coroutine
 from email.message import Message
 from typing import Annotated, Any
 
-from fastapi import Depends, Path, Request, Response
+from fastapi import Depends, Path, Query, Request, Response
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
 
@@ -21,6 +21,7 @@ from nightowl.auth import (
 from nightowl.day import logger
 from nightowl.errors import InvalidInput, Unauthorized, UnsupportedMediaType
 from nightowl.runtime import Runtime
+from nightowl.schemas import MAX_ID
 
 # Documents the scheme in OpenAPI; the token itself is read by authenticate().
 bearer = HTTPBearer(auto_error=False, description="A user's token, or the admin token.")
@@ -60,6 +61,10 @@ def get_caller(request: Request, rt: RuntimeDep, _: Annotated[Any, Depends(beare
 
 
 CallerDep = Annotated[Principal, Depends(get_caller)]
+
+# A page of a listing (the history, a post's feedback); the logger checks the same bounds.
+PageLimit = Annotated[int, Query(ge=1, le=500)]
+PageOffset = Annotated[int, Query(ge=0, le=MAX_ID)]
 
 # The server checks user ids itself (logger.require_user, with its own message); the schema says the same.
 UserIdPath = Annotated[

@@ -497,13 +497,17 @@ def _feedback_out(fb: Feedback, duplicate: bool = False) -> FeedbackOut:
 
 # --- history -----------------------------------------------------------------------------
 
-def list_posts(rt: Runtime, user_id: str, limit: int = 20, offset: int = 0) -> PostList:
-    """A user's posts, newest first, each with its prediction, latest rationale and its newest
-    FEEDBACK_PER_POST feedback (oldest first) with the post's feedback_total; list_feedback pages the rest."""
+def _check_page(limit: int, offset: int) -> None:
     if not 1 <= limit <= 500:
         raise InvalidInput("limit must be between 1 and 500")
     if offset < 0:
         raise InvalidInput("offset must not be negative")
+
+
+def list_posts(rt: Runtime, user_id: str, limit: int = 20, offset: int = 0) -> PostList:
+    """A user's posts, newest first, each with its prediction, latest rationale and its newest
+    FEEDBACK_PER_POST feedback (oldest first) with the post's feedback_total; list_feedback pages the rest."""
+    _check_page(limit, offset)
     with read_scope(rt.engine) as s:  # history never waits for a writer
         require_user(s, user_id)
         total = s.exec(select(func.count()).select_from(Post).where(Post.user_id == user_id)).one()
@@ -567,10 +571,7 @@ def list_posts(rt: Runtime, user_id: str, limit: int = 20, offset: int = 0) -> P
 
 def list_feedback(rt: Runtime, user_id: str, post_id: int, limit: int = 20, offset: int = 0) -> FeedbackList:
     """One post's feedback, oldest first, a page at a time (list_posts carries only the newest)."""
-    if not 1 <= limit <= 500:
-        raise InvalidInput("limit must be between 1 and 500")
-    if offset < 0:
-        raise InvalidInput("offset must not be negative")
+    _check_page(limit, offset)
     with read_scope(rt.engine) as s:
         require_user(s, user_id)
         post = s.get(Post, post_id)

@@ -125,3 +125,14 @@ def test_failed_swap_puts_the_old_folder_back(tmp_path, monkeypatch):
         atomic_folder(final, _fill("new"), replace=True)
     assert (final / "a.txt").read_text() == "old"
     assert _entries(tmp_path) == {"model"}
+
+
+def test_write_once_keeps_the_first_file_and_leaves_no_temp(tmp_path):
+    from nightowl.io import write_once
+
+    path = tmp_path / "secret"
+    assert write_once(path, b"first")
+    assert not write_once(path, b"second")
+    assert path.read_bytes() == b"first"
+    assert [p.name for p in tmp_path.iterdir()] == ["secret"]
+    assert path.stat().st_mode & 0o077 == 0

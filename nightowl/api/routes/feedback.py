@@ -2,10 +2,17 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Path
 from fastapi.responses import JSONResponse
 
-from nightowl.api.deps import CallerDep, JSONBodyRoute, RuntimeDep, UserIdPath
+from nightowl.api.deps import (
+    CallerDep,
+    JSONBodyRoute,
+    PageLimit,
+    PageOffset,
+    RuntimeDep,
+    UserIdPath,
+)
 from nightowl.api.errors import ERROR_RESPONSES
 from nightowl.day import logger
 from nightowl.schemas import MAX_ID, FeedbackIn, FeedbackList, FeedbackOut
@@ -32,8 +39,8 @@ def list_feedback(
     post_id: Annotated[int, Path(ge=1, le=MAX_ID)],
     rt: RuntimeDep,
     caller: CallerDep,
-    limit: Annotated[int, Query(ge=1, le=500)] = 20,
-    offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
+    limit: PageLimit = 20,
+    offset: PageOffset = 0,
 ) -> FeedbackList:
     """All of a post's feedback, oldest first, a page at a time (the history carries only the newest)."""
     caller.require_user(user_id)

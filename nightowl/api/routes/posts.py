@@ -1,20 +1,27 @@
 """Posts: log one (JSON with a base64 image, or multipart with an image file) and list a user's posts."""
 
 from contextlib import aclosing
-from typing import Annotated, NamedTuple
+from typing import NamedTuple
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from nightowl.api.deps import CallerDep, RuntimeDep, UserIdPath, parse_json_body
+from nightowl.api.deps import (
+    CallerDep,
+    PageLimit,
+    PageOffset,
+    RuntimeDep,
+    UserIdPath,
+    parse_json_body,
+)
 from nightowl.api.errors import ERROR_RESPONSES, validation_message
 from nightowl.day import logger
 from nightowl.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType
-from nightowl.schemas import MAX_ID, PostForm, PostJSON, PostList, PostLogged
+from nightowl.schemas import PostForm, PostJSON, PostList, PostLogged
 from nightowl.settings import LimitSettings
 
 router = APIRouter(tags=["posts"], responses=ERROR_RESPONSES)
@@ -66,8 +73,8 @@ def list_posts(
     user_id: UserIdPath,
     rt: RuntimeDep,
     caller: CallerDep,
-    limit: Annotated[int, Query(ge=1, le=500)] = 20,
-    offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
+    limit: PageLimit = 20,
+    offset: PageOffset = 0,
 ) -> PostList:
     """The user's posts, newest first, with predictions and each post's newest feedback (and its count)."""
     caller.require_user(user_id)
