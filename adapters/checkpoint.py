@@ -90,7 +90,7 @@ def load_base_model(model_dir: Path | str | None = None, settings=None) -> Ratio
 
 
 def user_lora_config(config: FusionConfig) -> LoraConfig:
-    """The per-user adapter: LoRA on encoder attention + fusion layers, the head trained whole."""
+    """The per-user adapter: LoRA on `config.lora_targets` (the fusion layers by default), the head trained whole."""
     return LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,

@@ -107,13 +107,16 @@ class FusionConfig:
             "in the post; [CLS] when there is no aspect), so two aspects of one post can differ."
         },
     )
-    # LoRA for per-user adapters: the encoder's attention plus the small fusion layers; the head
-    # (a few KB) is trained whole.
+    # LoRA for per-user adapters: the small fusion layers; the head (a few KB) is trained whole.
+    # The encoder stays the base's: a night then computes each post's encoder states once
+    # (adapters.personal.EncoderStates) instead of in every epoch's forward and backward. Naming
+    # the encoder's modules here ("query", "key", "value" for BERT) adapts it too, at several
+    # times the cost of a user-night.
     lora_r: int = field(default=8, metadata={"help": "Per-user adapters: LoRA rank (>= 1)."})
     lora_alpha: int = field(default=16, metadata={"help": "Per-user adapters: LoRA scaling alpha (> 0)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Per-user adapters: LoRA dropout, in [0, 1]."})
     lora_targets: list[str] = field(
-        default_factory=lambda: ["query", "key", "value", "q_proj", "k_proj", "v_proj", "o_proj", "gate"],
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate"],
         metadata={"help": "Per-user adapters: names of the modules LoRA is applied to (peft `target_modules`)."},
     )
     lora_modules_to_save: list[str] = field(

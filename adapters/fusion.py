@@ -10,8 +10,8 @@
   (a few pseudo-rationale tokens) stands in whenever the real one is missing. Training drops
   rationales and images at random so the model serves well without either.
 
-Every fusion layer is a plain nn.Linear, so peft's LoRA can target them by name next to the
-encoder's query/key/value (see `nightowl.adapters.config.FusionConfig.lora_targets`).
+Every fusion layer is a plain nn.Linear, so peft's LoRA can target them by name (per-user
+adapters do; see `nightowl.adapters.config.FusionConfig.lora_targets`).
 """
 
 from __future__ import annotations
@@ -98,8 +98,11 @@ class RationaleFusedClassifier(nn.Module):
         use_rationale: torch.Tensor | None = None,  # [B] bool: ...and not dropped (training)
         target_mask: torch.Tensor | None = None,  # [B, L] bool: the aspect's tokens
         return_aux: bool = False,
+        post_states: torch.Tensor | None = None,  # [B, L, d]: the encoder's output, when already known
     ):
-        post = self.encode(input_ids, attention_mask, token_type_ids)  # [B, L, d]
+        # A frozen encoder gives the same states every epoch: a night computes them once
+        # (adapters.personal.EncoderStates) and passes them in.
+        post = self.encode(input_ids, attention_mask, token_type_ids) if post_states is None else post_states
         post_mask = attention_mask.bool()
         b, d = post.shape[0], post.shape[-1]
         post_pooled = masked_mean(post, post_mask)
@@ -138,7 +141,10 @@ class RationaleFusedClassifier(nn.Module):
 
         a = masked_mean(self.post_to_rationale(post, rat_tokens, rat_mask), post_mask)
         r = masked_mean(self.rationale_to_post(rat_tokens, post, post_mask), rat_mask)
-        v = masked_mean(self.post_to_image(post, regions, region_mask), post_mask)
+        if region_mask.any():
+            v = masked_mean(self.post_to_image(post, regions, region_mask), post_mask)
+        else:  # no image in the batch: the attention's output is zero, leaving its residual norm(post)
+            v = masked_mean(self.post_to_image.norm(post), post_mask)
         # Gates per view and channel; a view that is absent (no image) contributes nothing.
         g = torch.sigmoid(self.gate(torch.cat([post_pooled, a, r, v], -1))).view(b, 3, d)
         has_img = region_mask.any(1).to(g.dtype)

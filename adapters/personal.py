@@ -9,19 +9,80 @@ from __future__ import annotations
 
 import copy
 import math
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 from peft import PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 from peft.utils import ModulesToSaveWrapper
 
 from nightowl.adapters.checkpoint import user_lora_config
+from nightowl.adapters.fusion import masked_mean
 from nightowl.adapters.inputs import ModelInput
 from nightowl.adapters.predictor import Predictor
 from nightowl.adapters.train import scores
 from nightowl.memory.examples import Example
 from nightowl.memory.images import ImageStore
+
+
+class EncoderStates:
+    """The frozen text encoder's output per post, computed once and reused.
+
+    A per-user adapter that leaves the encoder alone (LoRA on the fusion layers, the head trained
+    whole) sees the same encoder states in every epoch, every replayed batch and every score of
+    a night; computing them once instead of in each forward (and never backpropagating through
+    the encoder) is what makes a user-night take seconds instead of most of a minute on a CPU.
+    Keyed by the tokens the encoder reads, so global replay examples share it.
+    """
+
+    def __init__(self, encoder: torch.nn.Module):
+        self.encoder = encoder
+        self._states: dict[tuple, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    @staticmethod
+    def _keys(batch: dict, lengths: list[int]) -> list[tuple]:
+        # The tokens themselves: one post reads differently in a batch where others have a
+        # second segment (it gets an empty one), so its text alone does not name its states.
+        types = batch.get("token_type_ids")
+        return [tuple(batch["input_ids"][j, :n].tolist()) + (tuple(types[j, :n].tolist()) if types is not None else ())
+                for j, n in enumerate(lengths)]
+
+    @torch.no_grad()
+    def for_batch(self, items: list[ModelInput], batch: dict) -> torch.Tensor:
+        """[B, L, d] states for a batch made by the predictor's batcher (zeros on padding)."""
+        mask = batch["attention_mask"]
+        lengths = mask.sum(1).tolist()
+        keys = self._keys(batch, lengths)
+        missing = [j for j, key in enumerate(keys) if key not in self._states]
+        if missing:
+            rows = torch.tensor(missing, device=mask.device)
+            width = int(max(lengths[j] for j in missing))
+            kwargs = {"input_ids": batch["input_ids"][rows, :width], "attention_mask": mask[rows, :width]}
+            if batch.get("token_type_ids") is not None:
+                kwargs["token_type_ids"] = batch["token_type_ids"][rows, :width]
+            was = self.encoder.training
+            self.encoder.eval()
+            states = self.encoder(**kwargs).last_hidden_state
+            self.encoder.train(was)
+            for k, j in enumerate(missing):
+                self._states[keys[j]] = states[k, : lengths[j]].clone()
+        out = torch.zeros(*mask.shape, self.encoder.config.hidden_size, device=mask.device)
+        for j, key in enumerate(keys):
+            out[j, : lengths[j]] = self._states[key]
+        return out
+
+
+def adapts_encoder(model: torch.nn.Module) -> bool:
+    """Whether a (peft-wrapped) classifier carries LoRA inside its text encoder."""
+    inner = model.get_base_model() if isinstance(model, PeftModel) else model
+    encoder = getattr(inner, "encoder", None)
+    return encoder is not None and any(isinstance(m, LoraLayer) for m in encoder.modules())
 
 
 class PersonalKit:
@@ -31,6 +92,18 @@ class PersonalKit:
         self.labels = predictor.labels
         self.device = predictor.device
         self.encoder_id = predictor.encoder_id
+        self._states: EncoderStates | None = None
+
+    @contextmanager
+    def frozen_encoder_states(self) -> Iterator[EncoderStates]:
+        """Within this block (one user's night), models whose encoder is not adapted reuse each
+        post's encoder states; the states are dropped at the end (memory stays one user's)."""
+        encoder = copy.deepcopy(self.predictor.pristine.encoder).to(self.device).eval().requires_grad_(False)
+        self._states = EncoderStates(encoder)
+        try:
+            yield self._states
+        finally:
+            self._states = None
 
     def __deepcopy__(self, memo):  # avalanche's LwF copies the model that holds us: share, don't copy
         return self
@@ -46,7 +119,17 @@ class PersonalKit:
         return items
 
     def embed(self, examples: list[Example]) -> np.ndarray:
-        return self.predictor.embed_inputs(self.inputs(list(examples)))
+        """The replay memory's vectors: the base encoder's mean-pooled states (the predictor's
+        `embed_inputs`), taken from the night's states when it has them."""
+        items = self.inputs(list(examples))
+        if self._states is None:
+            return self.predictor.embed_inputs(items)
+        out = []
+        for start in range(0, len(items), 64):
+            chunk = items[start : start + 64]
+            batch = self.predictor.batcher(chunk)
+            out.append(masked_mean(self._states.for_batch(chunk, batch), batch["attention_mask"].bool()).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.predictor.config.hidden), np.float32)
 
     def trainable(self, adapter_dir: Path | None) -> PeftModel:
         """A LoRA-wrapped copy of the base: the user's current adapter if any, else a fresh one."""
@@ -58,7 +141,11 @@ class PersonalKit:
         return model.to(self.device)
 
     def logits(self, model: torch.nn.Module, examples: list[Example], train: bool = False) -> torch.Tensor:
-        return model(**self.predictor.batcher(self.inputs(examples), train=train))
+        items = self.inputs(examples)
+        batch = self.predictor.batcher(items, train=train)
+        if self._states is not None and not adapts_encoder(model):
+            batch["post_states"] = self._states.for_batch(items, batch)
+        return model(**batch)
 
     @torch.inference_mode()
     def scores(self, model: torch.nn.Module, examples: list[Example]) -> dict:

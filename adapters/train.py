@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from nightowl.adapters.checkpoint import (
     ENCODER_LINEAR_LAYERS,
@@ -145,7 +146,8 @@ def train_base_model(
         model.train()
         order = torch.randperm(len(train), generator=gen).tolist()
         t0, total = time.perf_counter(), 0.0
-        for start in range(0, len(order), recipe.batch_size):
+        batches = range(0, len(order), recipe.batch_size)
+        for start in tqdm(batches, desc=f"epoch {epoch + 1}/{recipe.epochs}", unit="batch", leave=False, mininterval=2):
             chunk = [train[i] for i in order[start : start + recipe.batch_size]]
             batch = batcher([c[0] for c in chunk], train=True, generator=gen)
             labels = torch.tensor([c[1] for c in chunk], device=device)

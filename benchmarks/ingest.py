@@ -6,7 +6,14 @@ in a temporary home, drives it over HTTP from client threads on the same machine
 default) and with group commit (`NIGHTOWL_INGEST_GROUP_COMMIT=true`), each with 1, 8, 32 and
 128 concurrent clients, all in one run so the rows compare as ratios.
 
-    python -m benchmarks.ingest [--feedback 4000] [--clients 1 8 32 128] [--posts 200]
+    python -m benchmarks.ingest [--feedback 4000] [--clients 1 8 32 128] [--posts 200] \
+        [--postgres-url postgresql+psycopg://postgres@127.0.0.1:5432/test] [--kill9-trials 20]
+
+With `--postgres-url` (a database it may fill: each row gets a fresh one made beside it) it adds
+rows on PostgreSQL with 1 and 2 server processes (`serve --workers N`). With `--kill9-trials N`
+it kills the server (`kill -9`, workers and all) N times under load from 8 clients, restarts it,
+resends every request that got no answer and counts acknowledged events lost and events stored
+twice.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import statistics
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -136,12 +144,96 @@ def make_users(url: str) -> dict:
     return users
 
 
+@contextmanager
+def fresh_database(admin_url: str):
+    """A new, empty database on the server of `admin_url`, dropped afterwards."""
+    import uuid
+
+    from sqlalchemy import create_engine, make_url, text
+
+    name = f"nightowl_bench_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def kill9_trials(tmp: Path, env: dict, trials: int, clients: int = 8, seed: int = 0) -> dict:
+    """Kill the server under load, restart it, resend what got no answer: count acknowledged
+    events that were lost and events stored twice."""
+    import random
+
+    from nightowl.memory.db import make_engine  # the store's own engine (SQLite WAL), read after the trial
+
+    rng = random.Random(seed)
+    lost = twice = acked_total = 0
+    for trial in range(trials):
+        home = tmp / f"kill9-{trial}"
+        server = ServerProcess(home, env=env).start()
+        users = make_users(server.url)
+        acked: set[str] = set()
+        unanswered: list[tuple[str, dict, dict]] = []
+        lock, stop = threading.Lock(), threading.Event()
+
+        def client(idx: int) -> None:
+            user, (headers, post_id) = list(users.items())[idx % len(users)]
+            with httpx.Client(base_url=server.url, headers=headers, timeout=10) as c:
+                for i in range(100_000):
+                    body = {"post_id": post_id, "label": "positive", "idempotency_key": f"t{trial}-c{idx}-{i}"}
+                    try:
+                        r = c.post(f"/v1/users/{user}/feedback", json=body)
+                    except httpx.HTTPError:
+                        with lock:
+                            unanswered.append((user, headers, body))
+                        return  # the server died under us: this one was never acknowledged
+                    with lock:
+                        if r.status_code == 201:
+                            acked.add(body["idempotency_key"])
+                    if stop.is_set():
+                        return
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+        for t in threads:
+            t.start()
+        time.sleep(rng.uniform(0.5, 2.0))  # mid-load, at a different point each trial
+        server.kill9()
+        stop.set()
+        for t in threads:
+            t.join(15)
+        server = ServerProcess(home, env=env, port=server.port).start()
+        with httpx.Client(base_url=server.url, timeout=30) as c:  # the clients' retries
+            for user, headers, body in unanswered:
+                c.post(f"/v1/users/{user}/feedback", json=body, headers=headers).raise_for_status()
+        server.stop()
+        engine = make_engine(f"sqlite:///{home / 'nightowl.db'}")
+        with engine.connect() as conn:
+            from sqlalchemy import text
+
+            stored = [k for (k,) in conn.execute(text("SELECT idempotency_key FROM feedback WHERE idempotency_key LIKE :p"),
+                                                   {"p": f"t{trial}-%"})]
+        engine.dispose()
+        lost += len(acked - set(stored))
+        twice += len(stored) - len(set(stored))
+        acked_total += len(acked)
+        print(f"kill -9 trial {trial + 1}/{trials}: {len(acked)} acknowledged, {len(unanswered)} resent, "
+              f"lost {len(acked - set(stored))}, stored twice {len(stored) - len(set(stored))}", flush=True)
+    return {"trials": trials, "clients": clients, "acknowledged": acked_total, "lost": lost, "stored_twice": twice}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--feedback", type=int, default=4000, help="events per row")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 128])
     ap.add_argument("--posts", type=int, default=200)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--postgres-url", default=None, help="add 1- and 2-worker rows on this PostgreSQL server")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="server processes of the PostgreSQL rows")
+    ap.add_argument("--kill9-trials", type=int, default=0, help="kill -9 the server under load this many times")
     args = ap.parse_args()
 
     rows = []
@@ -156,7 +248,7 @@ def main() -> None:
                     total = args.feedback
                     total = max(total, clients)
                     row = feedback_throughput(server.url, users, total, clients=clients, run=f"{mode}-{clients}")
-                    rows.append({"commit": mode, **row})
+                    rows.append({"commit": mode, "store": "sqlite", "workers": 1, **row})
                     print(f"{mode:12s} {clients:4d} clients: {row['events_per_s']:8.1f} events/s, "
                           f"p50 {row['latency']['p50_ms']} ms, p99 {row['latency']['p99_ms']} ms, {row['errors']} errors",
                           flush=True)
@@ -165,18 +257,34 @@ def main() -> None:
                     text_posts = post_latency(server.url, user, headers, args.posts, image=None)
                     image_posts = post_latency(server.url, user, headers, max(20, args.posts // 4), image=sample_image())
 
+        for workers in args.workers if args.postgres_url else []:
+            with fresh_database(args.postgres_url) as url:
+                pg_env = {**env, "NIGHTOWL_DATABASE_URL": url}
+                with ServerProcess(Path(tmp) / f"home-pg-{workers}", env=pg_env, workers=workers) as server:
+                    users = make_users(server.url)
+                    for clients in args.clients:
+                        row = feedback_throughput(server.url, users, max(args.feedback, clients), clients=clients,
+                                                  run=f"pg{workers}-{clients}")
+                        rows.append({"commit": "per_request", "store": "postgresql", "workers": workers, **row})
+                        print(f"postgresql {workers} worker(s) {clients:4d} clients: {row['events_per_s']:8.1f} events/s, "
+                              f"p50 {row['latency']['p50_ms']} ms, p99 {row['latency']['p99_ms']} ms, "
+                              f"{row['errors']} errors", flush=True)
+        kill9 = kill9_trials(Path(tmp), env, args.kill9_trials) if args.kill9_trials else None
+
     def row(mode: str, clients: int) -> dict | None:
-        return next((r for r in rows if r["commit"] == mode and r["clients"] == clients), None)
+        return next((r for r in rows if r["commit"] == mode and r["clients"] == clients and r["store"] == "sqlite"), None)
 
     for r in rows:
         base = row("per_request", r["clients"])
-        if r["commit"] == "group" and base:
+        if r["commit"] == "group" and r["store"] == "sqlite" and base:
             r["x_per_request"] = round(r["events_per_s"] / base["events_per_s"], 2)
-    default = [r for r in rows if r["commit"] == "per_request"]
+    default = [r for r in rows if r["commit"] == "per_request" and r["store"] == "sqlite"]
     result = {
         "benchmark": "ingest",
         "command": "python -m benchmarks.ingest " + f"--feedback {args.feedback} "
-        f"--clients {' '.join(map(str, args.clients))} --posts {args.posts}",
+        f"--clients {' '.join(map(str, args.clients))} --posts {args.posts}"
+        + (f" --postgres-url {args.postgres_url} --workers {' '.join(map(str, args.workers))}" if args.postgres_url else "")
+        + (f" --kill9-trials {args.kill9_trials}" if args.kill9_trials else ""),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "store": "SQLite WAL, synchronous=FULL (each acknowledged event fsync'd before the answer)",
         "training_paused": "run with no other load on the machine",
@@ -186,6 +294,7 @@ def main() -> None:
         "feedback_ingest_concurrent": row("per_request", 32) or default[-1],
         "post_latency_text": text_posts,
         "post_latency_with_image": image_posts,
+        "kill9": kill9,
         "notes": "Clients and server share this machine's cores; latencies are client-measured round trips.",
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -58,20 +58,34 @@ def twitter2015_table(path: Path = RESULTS / "twitter2015.json") -> str:
 
 def personalize_table(path: Path = RESULTS / "personalization-multipico_en.json") -> str:
     data = json.loads(path.read_text())
+    defaults = data["update_config_default"]
     lines = [
-        f"{data['n_users']} users, {data['nights']} nights of {data['update_config']['epochs']} epoch(s); "
-        f"one seed ({data['config']['seed']}); per-user private test sets "
-        f"(median {data['test_rows_per_user_median']:g} posts), macro-F1 and accuracy in percent after the last night.",
-        "",
-        "| row | macro-F1 | accuracy | gain vs base (F1 points) | users gained | forgetting | BWT | s per user-night |",
-        "|---|---|---|---|---|---|---|---|",
+        f"{data['n_users']} of {data['n_users_in_stream']} users ({data['users_rule']}), {data['nights']} nights, "
+        f"seeds {', '.join(map(str, data['seeds']))}; per-user private test sets (median "
+        f"{data['test_rows_per_user_median']:g} posts). Commit {data.get('commit') or '?'}, the product's default update "
+        f"({defaults['epochs']} epochs, replay {defaults['replay']}, {defaults['n_global']} global examples, "
+        f"held back {defaults['holdout_fraction']:g}); `{data['command']}`.",
     ]
-    for r in data["rows"]:
-        lines.append(
-            f"| {r['name']} | {r['macro_f1_mean']:.2f} | {r['accuracy_mean']:.2f} | {r['gain_vs_base_mean']:+.2f} | "
-            f"{100 * r['share_users_gained']:.0f}% | {_fmt(r['forgetting_mean'])} | {_fmt(r['bwt_mean'])} | "
-            f"{_fmt(r.get('nightly_seconds_per_user_median'), 1)} |"
-        )
+    for key, proto in data["protocols"].items():
+        p = proto["protocol"]
+        what = ("every post labelled" if p["name"] == "labelled" else
+                f"wrong answers corrected with p = {p['p_correct']:g}, right ones confirmed with p = {p['p_confirm']:g}")
+        lines += [
+            "",
+            f"**{key}** ({what}):",
+            "",
+            "| row | macro-F1 | gain vs base (F1 points, 95% CI) | users better | users worse | forgetting | BWT "
+            "| labels per user | answers right | s per user-night |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in proto["rows"]:
+            lo, hi = r["gain_ci95"]
+            lines.append(
+                f"| {r['name']} | {r['macro_f1_mean']:.2f} | {r['gain_mean']:+.2f} [{lo:+.2f}, {hi:+.2f}] | "
+                f"{100 * r['share_better']:.0f}% | {100 * r['share_worse']:.0f}% | {_fmt(r['forgetting'])} | "
+                f"{_fmt(r['bwt'])} | {_fmt(r['labels_given_per_user'], 0)} | {_fmt(r['served_accuracy'], 1)}% | "
+                f"{_fmt(r['seconds_per_user_night_median'], 1)} |".replace("| –% |", "| – |")
+            )
     return "\n".join(lines)
 
 
@@ -86,9 +100,14 @@ def systems_table() -> str:
     modes = {"group": "group commit", "per_request": "per-request commit"}
     for i, r in enumerate(ingest["feedback_ingest"]):
         ratio = f", {r['x_per_request']:.1f}x per-request" if "x_per_request" in r else ""
-        lines.append(f"| {'`benchmarks.ingest`' if i == 0 else ''} | durable feedback ingest, {modes[r['commit']]}, "
+        where = "" if r.get("store", "sqlite") == "sqlite" else f" on PostgreSQL, {r['workers']} worker{'s' if r['workers'] > 1 else ''}"
+        lines.append(f"| {'`benchmarks.ingest`' if i == 0 else ''} | durable feedback ingest{where}, {modes[r['commit']]}, "
                      f"{r['clients']} client{'s' if r['clients'] > 1 else ''} | {r['events_per_s']:.1f} events/s "
                      f"({_lat(r['latency'])}){ratio}, {r['errors']} errors |")
+    if ingest.get("kill9"):
+        k = ingest["kill9"]
+        lines.append(f"| | kill -9 of the server under load ({k['clients']} clients), {k['trials']} trials | "
+                     f"{k['acknowledged']:,} acknowledged: {k['lost']} lost, {k['stored_twice']} stored twice |")
     lines.append(f"| | post latency, text (prediction included) | {_lat(ingest['post_latency_text'])} |")
     lines.append(f"| | post latency, with a 224 px image | {_lat(ingest['post_latency_with_image'])} |")
     faiss = json.loads((RESULTS / "faiss_memory.json").read_text())
@@ -139,8 +158,7 @@ def systems_table() -> str:
 
 TABLES = {
     "twitter2015": twitter2015_table,
-    "personalize": personalize_table,  # the protocol's 5 nights
-    "personalize-2nights": lambda: personalize_table(RESULTS / "personalization-multipico_en-2nights.json"),
+    "personalize": personalize_table,
     "systems": systems_table,
 }
 

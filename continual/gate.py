@@ -1,9 +1,11 @@
 """The gate: tonight's candidate adapter replaces the active one only if it is not worse.
 
-Candidate and active adapter (or the base, for a user without one) are scored on the same
-examples by `UpdateConfig.gate_metric` (macro-F1 by default); a tie promotes. The decision is
-written in one transaction under the user's lock, so a rollback that happened while the night
-trained is seen, and wins.
+The candidate, the adapter it was trained from and the base model are scored on the same
+examples by `UpdateConfig.gate_metric` (macro-F1 by default): tonight's held-back feedback, which
+none of them trained on. The candidate is promoted if it is at least as good as both (a tie
+promotes): a user is never moved below the base model they started from, nor below last night's
+adapter, on the evidence there is. The decision is written in one transaction under the user's
+lock, so a rollback that happened while the night trained is seen, and wins.
 """
 
 from __future__ import annotations
@@ -66,26 +68,29 @@ def judge(
     holdout: list[Example],
     replay: list[Example],
 ) -> Verdict:
-    """Candidate vs the adapter it was trained from, on the gate's examples."""
-    # Held-back new feedback shows whether it learned tonight's lesson; replay (the user's older
-    # examples and a few global ones) shows whether it kept the old ones.
-    gate_set = holdout + replay
-    gate_kind = "held-back new feedback + replay"
+    """Candidate vs the adapter it was trained from and vs the base, on the gate's examples."""
+    # Only examples the candidate never trained on show whether it generalises: the user's
+    # held-back posts. (Replay was trained on; scoring it favoured every candidate, and let
+    # through adapters that served users worse than the base.)
+    gate_set, gate_kind = holdout, "the user's held-back posts"
     if not holdout:
         gate_set = new + replay
-        gate_kind = f"in-sample new feedback + replay (fewer than {config.min_new_for_holdout} new examples)"
-    cand = kit.scores(candidate, gate_set)
-    active_model = kit.trainable(start_dir)  # the active adapter (or the base) on the same slice
-    active = kit.scores(active_model, gate_set)
+        gate_kind = f"in-sample new feedback + replay (no held-back posts: fewer than {config.min_examples_for_holdout} examples)"
     metric = config.gate_metric
-    promoted = cand[metric] >= active[metric]
-    reason = (
-        f"gate on {len(gate_set)} examples ({gate_kind}), {metric}: candidate {cand[metric]:.3f} vs "
-        f"{'active v' + str(start.version) if start else 'base'} {active[metric]:.3f}"
-    )
+    cand = kit.scores(candidate, gate_set)
+    rivals = {f"active v{start.version}" if start else "base": kit.trainable(start_dir)}
+    if start is not None:
+        rivals["base"] = kit.trainable(None)  # a fresh adapter: LoRA B = 0, the base's own head
+    rival_scores = {name: kit.scores(model, gate_set) for name, model in rivals.items()}
+    promoted = all(cand[metric] >= r[metric] for r in rival_scores.values())
+    versus = ", ".join(f"{name} {r[metric]:.3f}" for name, r in rival_scores.items())
+    reason = f"gate on {len(gate_set)} examples ({gate_kind}), {metric}: candidate {cand[metric]:.3f} vs {versus}"
+    active = next(iter(rival_scores.values()))
     figures = {"gate_metric": metric, "gate_size": len(gate_set),
                **{f"gate_candidate_{k}": v for k, v in cand.items()},
                **{f"gate_active_{k}": v for k, v in active.items()}}
+    if "base" in rival_scores and start is not None:
+        figures.update({f"gate_base_{k}": v for k, v in rival_scores["base"].items()})
     return Verdict(promoted, reason, figures)
 
 

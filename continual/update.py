@@ -4,7 +4,8 @@
 kill at any point leaves the active adapter as it was:
 1. select examples: the user's examples up to the night's cutoff; "new" = feedback after the
    active adapter's (all of it when the active adapter was trained over another base model);
-2. hold back: a slice of the new feedback is kept out of training (and out of replay) for the gate;
+2. hold back: a fixed share of the user's posts (by a hash of the post id) is never trained on or
+   replayed; the gate judges every candidate on all of it (it grows night by night);
 3. select replay: sync the user's FAISS memory with the store and select replay for the new examples;
 4. train candidate: the user's label prior is re-estimated and used as a fixed logit offset (last
    night's is taken out of the head first); avalanche: a Naive strategy trains on tonight's
@@ -14,8 +15,9 @@ kill at any point leaves the active adapter as it was:
    night) and tonight's: accuracy, avalanche's Forgetting and BWT;
 6. write candidate: the offset is folded into the head's bias; the candidate's files are written
    (PEFT layout) and registered as a candidate;
-7. gate (continual.gate): candidate vs active on held-back + replay by `gate_metric` (macro-F1);
-   promoted only if not worse, else rejected with the reason.
+7. gate (continual.gate): candidate vs the adapter it started from and vs the base, on the
+   held-back posts, by `gate_metric` (macro-F1); promoted only if not worse than either, else
+   rejected with the reason.
 """
 
 from __future__ import annotations
@@ -98,23 +100,24 @@ def update_user(rt: Runtime, job: UserJob, config: UpdateConfig | None = None) -
             night_queries.finish_run(s, run_id, RunStatus.skipped, {"reason": "no new feedback"})
         return UserResult(job.user_id, RunStatus.skipped)
 
-    holdout, train_new = hold_back(tonight.new, config, rng)
-    replay, replay_info = select_replay(rt.replay_memory, job.user_id, tonight, train_new, holdout, config, rng)
-    candidate = train_candidate(kit, config, tonight, train_new, holdout, replay)
-    metrics = {
-        "n_new": len(tonight.new),
-        "n_train_new": len(train_new),
-        "n_holdout": len(holdout),
-        "replay": replay_info,
-        **measure_forgetting(rt, job, tonight, candidate),
-        "logit_adjustment": candidate.adjustment,
-        "base_model": kit.encoder_id,  # the base it was trained over (registry.built_on)
-    }
-    version = write_candidate(rt, kit, job, tonight, candidate, metrics, t0)
-    status = gate(
-        rt, job, config, candidate.peft_model, version=version, run_id=run_id, start=tonight.start,
-        active_version=tonight.active_version, new=tonight.new, holdout=holdout, replay=replay, metrics=metrics,
-    )
+    with kit.frozen_encoder_states():  # the encoder's states, computed once for the whole night
+        holdout, train_new = hold_back(tonight, job.user_id, config)
+        replay, replay_info = select_replay(rt.replay_memory, job.user_id, tonight, train_new, holdout, config, rng)
+        candidate = train_candidate(kit, config, tonight, train_new, holdout, replay)
+        metrics = {
+            "n_new": len(tonight.new),
+            "n_train_new": len(train_new),
+            "n_holdout": len(holdout),
+            "replay": replay_info,
+            **measure_forgetting(rt, job, tonight, candidate),
+            "logit_adjustment": candidate.adjustment,
+            "base_model": kit.encoder_id,  # the base it was trained over (registry.built_on)
+        }
+        version = write_candidate(rt, kit, job, tonight, candidate, metrics, t0)
+        status = gate(
+            rt, job, config, candidate.peft_model, version=version, run_id=run_id, start=tonight.start,
+            active_version=tonight.active_version, new=tonight.new, holdout=holdout, replay=replay, metrics=metrics,
+        )
     return UserResult(job.user_id, status, version, metrics, seconds=time.perf_counter() - t0)
 
 
@@ -143,15 +146,25 @@ def select_examples(s: Session, job: UserJob, encoder_id: str, adapters_dir: Pat
     )
 
 
-def hold_back(new: list[Example], config: UpdateConfig, rng: np.random.Generator) -> tuple[list[Example], list[Example]]:
-    """2. (held back, to train on): a random slice of the new feedback that the candidate never
-    sees, so the gate can tell whether it learned tonight's lesson. Too few new examples: none."""
-    holdout: list[Example] = []
-    if len(new) >= config.min_new_for_holdout:
-        n_hold = max(1, round(config.holdout_fraction * len(new)))
-        picks = set(rng.choice(len(new), size=n_hold, replace=False).tolist())
-        holdout = [e for i, e in enumerate(new) if i in picks]
-    return holdout, [e for e in new if e not in holdout]
+def hold_back(tonight: Tonight, user_id: str, config: UpdateConfig) -> tuple[list[Example], list[Example]]:
+    """2. (held back, new to train on): the user's held-back posts are a fixed share chosen by a
+    hash of the post id, so a post held back once is held back every night: no candidate, no
+    earlier adapter and not the base ever trained on them, and the gate's evidence grows with
+    the user's history instead of being a fifth of tonight's few. A user with fewer examples
+    than `min_examples_for_holdout` has none held back."""
+    if len(tonight.examples) < config.min_examples_for_holdout or config.holdout_fraction <= 0:
+        return [], list(tonight.new)
+    holdout = [e for e in tonight.examples if is_held_back(user_id, e, config.holdout_fraction)]
+    held = {e.id for e in holdout}
+    return holdout, [e for e in tonight.new if e.id not in held]
+
+
+def is_held_back(user_id: str, example: Example, fraction: float) -> bool:
+    """Whether a user's example belongs to their held-back share (stable across nights and
+    relabellings: keyed by the post, not by the feedback)."""
+    if example.post_id is None:
+        return False
+    return zlib.crc32(f"holdout/{user_id}/{example.post_id}".encode()) % 10_000 < fraction * 10_000
 
 
 def select_replay(
@@ -166,7 +179,8 @@ def select_replay(
     """3. Older examples to train on beside the new ones (and the selection's make-up). The
     held-back slice is never replayed: the gate must score it unseen."""
     index = memory.sync_user(user_id, tonight.examples)
-    older = tonight.older
+    held = {e.id for e in holdout}
+    older = [e for e in tonight.older if e.id not in held]
     if config.replay == "none":
         return [], {"kind": "none"}
     if config.replay == "random":
@@ -214,7 +228,8 @@ def train_candidate(
     previous_adjustment = (start.metrics or {}).get("logit_adjustment") if start else None
     adjustment = None
     if config.prior_strength > 0:
-        given = [e.label for e in tonight.examples if e not in holdout]
+        held = {e.id for e in holdout}
+        given = [e.label for e in tonight.examples if e.id not in held]
         labels = given + [x for x in tonight.uncorrected if x in kit.labels]
         adjustment = kit.prior_adjustment(labels, config.prior_strength)
     peft_model = kit.trainable(tonight.start_dir)

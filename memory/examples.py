@@ -17,3 +17,4 @@ class Example:
     image_sha256: str | None = None
     context: str | None = None
     rationale: str | None = None  # the post's stored rationale (training signal), if any
+    post_id: int | None = None  # the user's post it labels (None: a global example)

@@ -98,6 +98,7 @@ def user_examples(session: Session, user_id: str, through_feedback_id: int | Non
             image_sha256=post.image_sha256,
             context=post.context,
             rationale=rationales.get(post.id),
+            post_id=post.id,
         )
     return sorted(latest.values(), key=lambda e: e.id)
 

@@ -32,6 +32,8 @@ app.add_typer(rationales_app, name="rationales")
 app.add_typer(adapters_app, name="adapters")
 db_app = typer.Typer(help="The database's schema (migrations).", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+bench_app = typer.Typer(help="Benchmarks (from a nightowl checkout: they are not installed).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
 
 
 def _settings():
@@ -83,13 +85,29 @@ def serve(
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    workers: Annotated[
+        int, typer.Option(min=1, help="Server processes (PostgreSQL only): each has its own model and adapter cache.")
+    ] = 1,
 ) -> None:
-    """Run the HTTP API, the rationale worker and the nightly scheduler in one process."""
+    """Run the HTTP API, the rationale worker and the nightly scheduler (in each of --workers processes)."""
     import uvicorn
 
     from nightowl.api import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if workers > 1:
+        settings = _settings()
+        if settings.db_url.startswith("sqlite"):
+            # SQLite takes one writer at a time, and its busy waits are per process: several
+            # server processes would turn every concurrent write into a lock wait or a 503.
+            raise InvalidInput("--workers > 1 needs PostgreSQL (set NIGHTOWL_DATABASE_URL=postgresql+psycopg://...); "
+                               "the embedded SQLite store serves from one process")
+        typer.echo(f"nightowl: {workers} workers, home={settings.home}")
+        # Each worker builds its runtime from the same settings (environment + TOML); the night's
+        # database lease keeps their schedulers to one night at a time.
+        uvicorn.run("nightowl.api.app:app_from_environment", factory=True, workers=workers, host=host, port=port,
+                    log_level=log_level)
+        return
     rt = _runtime()
     typer.echo(f"nightowl: home={rt.settings.home} database={rt.engine.url.render_as_string(hide_password=True)}")
     uvicorn.run(create_app(rt), host=host, port=port, log_level=log_level)
@@ -411,6 +429,42 @@ def db_current() -> None:
         engine.dispose()
     _emit({"database": engine.url.render_as_string(hide_password=True), "current": current,
            "head": migrations.head()})
+
+
+BENCHMARKS = ("personalize", "twitter2015", "ingest", "ingest_broker", "inference", "nightly_cost", "faiss_memory",
+              "request_memory", "report", "convert_multipico")
+
+
+@bench_app.command(
+    "run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+)
+def bench_run(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help=f"One of: {', '.join(BENCHMARKS)}; its own options follow (--help shows them).")],
+) -> None:
+    """Run `python -m benchmarks.NAME ...` from the current folder (a nightowl checkout)."""
+    _run_benchmark(name, ctx.args)
+
+
+@bench_app.command(
+    "personalize", context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+)
+def bench_personalize(ctx: typer.Context) -> None:
+    """The personalization benchmark (`python -m benchmarks.personalize`; --help lists its options)."""
+    _run_benchmark("personalize", ctx.args)
+
+
+@cli_errors
+def _run_benchmark(name: str, args: list[str]) -> None:
+    # The benchmarks live beside the sources, not in the installed package (the layers run one
+    # way: the CLI never imports them), so this forwards to the checkout the command is run in.
+    import subprocess
+
+    if name not in BENCHMARKS:
+        raise InvalidInput(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)}")
+    if not (Path.cwd() / "benchmarks" / f"{name}.py").is_file():
+        raise InvalidInput(f"no benchmarks/{name}.py here: run `nightowl bench` from a nightowl checkout")
+    raise typer.Exit(subprocess.call([sys.executable, "-m", f"benchmarks.{name}", *args]))
 
 
 def main() -> None:  # pragma: no cover - entry point

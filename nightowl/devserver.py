@@ -20,8 +20,9 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, home: Path, env: dict[str, str] | None = None, port: int | None = None):
+    def __init__(self, home: Path, env: dict[str, str] | None = None, port: int | None = None, workers: int = 1):
         self.home = home
+        self.workers = workers
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "NIGHTOWL_HOME": str(home), **(env or {})}
@@ -32,10 +33,12 @@ class ServerProcess:
         self.home.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "nightowl.cli", "serve", "--port", str(self.port), "--log-level", "warning"],
+            [sys.executable, "-m", "nightowl.cli", "serve", "--port", str(self.port), "--log-level", "warning",
+             "--workers", str(self.workers)],
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: kill9 takes the workers down with it
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -52,7 +55,7 @@ class ServerProcess:
 
     def kill9(self) -> None:
         assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
+        os.killpg(self.proc.pid, signal.SIGKILL)  # the server and every worker it started
         self.proc.wait(10)
 
     def stop(self) -> None:

@@ -150,6 +150,9 @@ class Health(BaseModel):
         default=None, description="Whether this server's rationale worker runs; null: it started none."
     )
     disk_free_bytes: int | None = Field(default=None, description="Free space on the disk holding the home folder.")
+    process: int | None = Field(
+        default=None, description="The answering server process's pid (with `serve --workers N`, one of N)."
+    )
     broker_lag: int | None = Field(
         default=None,
         description="Broker messages the consumer has not yet stored (pending + unacked); "

@@ -75,10 +75,13 @@ class UpdateConfig(BaseModel):
     batch_size: int = Field(default=16, ge=1, description="New examples per mini-batch; replay adds as many again.")
     lr: float = Field(default=1e-3, ge=0, description="AdamW learning rate of the user's LoRA weights and head.")
     holdout_fraction: float = Field(
-        default=0.2, ge=0, lt=1, description="Share of tonight's new feedback held back from training for the gate."
+        default=0.2, ge=0, lt=1,
+        description="Share of a user's posts held back from training, for good, to judge candidates on "
+        "(chosen by a hash of the post id: the same posts every night).",
     )
-    min_new_for_holdout: int = Field(
-        default=5, ge=0, description="Fewer new examples than this: nothing is held back and the gate scores in-sample."
+    min_examples_for_holdout: int = Field(
+        default=5, ge=0,
+        description="A user with fewer labelled examples than this has nothing held back; the gate then scores in-sample.",
     )
     neighbours_per_new: int = Field(
         default=2, ge=0, description="FAISS replay: the user's nearest older examples drawn per new example."
@@ -86,7 +89,9 @@ class UpdateConfig(BaseModel):
     random_ratio: float = Field(
         default=0.5, ge=0, description="Replay: random older examples of the user, per new example."
     )
-    n_global: int = Field(default=16, ge=0, description="Replay: examples drawn from the global (base training) memory.")
+    # 0: a user's replay is their own history. Global examples carry the base's reading (the
+    # majority label) and pulled every adapter back towards it on the first nights.
+    n_global: int = Field(default=0, ge=0, description="Replay: examples drawn from the global (base training) memory.")
     ewc_lambda: float = Field(
         default=0.0, ge=0, description="> 0: EWC anchored at the user's starting model (continual.regularizers)."
     )

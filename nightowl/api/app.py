@@ -51,6 +51,15 @@ def create_app(rt: Runtime, background: bool = True) -> FastAPI:
     return app
 
 
+def app_from_environment() -> FastAPI:
+    """uvicorn's factory for `nightowl serve --workers N`: each worker process builds its own
+    runtime (model, adapter cache, group committer, rationale worker, scheduler) from the
+    settings in its environment, which it inherits from the command."""
+    from nightowl.settings import Settings
+
+    return create_app(Runtime(Settings()))
+
+
 def _admin_token_hash(rt: Runtime) -> str:
     admin_hash, generated = load_or_create_admin_token(rt.settings.admin_token, rt.settings.home)
     if generated:

@@ -10,6 +10,7 @@ import base64
 import binascii
 import hashlib
 import logging
+import os
 import shutil
 import time
 import uuid
@@ -127,6 +128,7 @@ def health(rt: Runtime, worker_alive: bool | None = None) -> Health:
         rationale_lag_s=lag_s,
         rationale_worker_alive=worker_alive,
         disk_free_bytes=free,
+        process=os.getpid(),
         broker_lag=broker.lag_now(rt.settings.broker),  # None, connecting to nothing, with no broker configured
     )
 

@@ -142,7 +142,7 @@ def test_broken_or_foreign_adapter_serves_the_base(night_rt):
     from safetensors.torch import load_file, save_file
 
     rt = night_rt
-    rt.update_config = UpdateConfig(epochs=1, n_global=0, min_new_for_holdout=100)
+    rt.update_config = UpdateConfig(epochs=1, n_global=0, min_examples_for_holdout=100)
     for user in ("bent", "moved"):
         logger.create_user(rt, user)
         _teach(rt, user, SARCASTIC_TRAIN[:4], "negative")
@@ -230,7 +230,7 @@ def _head_bias(rt, user):
 def test_prior_correction_is_folded_into_the_head_once(tmp_path, predictor):
     """The user's label prior goes into their head's bias, replacing (not adding to) last night's."""
     rt = Runtime(make_settings(tmp_path / "home"), predictor=predictor)
-    rt.update_config = UpdateConfig(epochs=1, lr=0.0, n_global=0, min_new_for_holdout=100)  # no learning: bookkeeping only
+    rt.update_config = UpdateConfig(epochs=1, lr=0.0, n_global=0, min_examples_for_holdout=100)  # no learning: bookkeeping only
     base_bias = predictor.pristine.head.bias.detach().clone()
     prior = predictor.config.training["label_prior"]
     logger.create_user(rt, "neg")
@@ -254,7 +254,7 @@ def test_prior_correction_is_folded_into_the_head_once(tmp_path, predictor):
 def test_prior_counts_the_answers_a_user_let_stand(tmp_path, predictor):
     """Feedback is mostly correction: posts the user never corrected count with the answer served."""
     rt = Runtime(make_settings(tmp_path / "home"), predictor=predictor)
-    rt.update_config = UpdateConfig(epochs=1, lr=0.0, n_global=0, min_new_for_holdout=100)
+    rt.update_config = UpdateConfig(epochs=1, lr=0.0, n_global=0, min_examples_for_holdout=100)
     logger.create_user(rt, "mild")
     served = [logger.log_post(rt, "mild", t).prediction.label for t in SARCASTIC_TEST + ["The museum is open until six"]]
     _teach(rt, "mild", SARCASTIC_TRAIN[:4], "negative")
@@ -325,7 +325,7 @@ def test_a_user_recreated_during_the_night_gets_nothing_trained_on_the_old_one(t
     from nightowl.continual import update as update_module
 
     rt = Runtime(make_settings(tmp_path / "home"), predictor=predictor)
-    rt.update_config = UpdateConfig(epochs=1, n_global=0, min_new_for_holdout=100)
+    rt.update_config = UpdateConfig(epochs=1, n_global=0, min_examples_for_holdout=100)
     logger.create_user(rt, "dee")
     _teach(rt, "dee", SARCASTIC_TRAIN[:5], "negative")
     train_candidate = update_module.train_candidate
@@ -402,3 +402,49 @@ def test_scheduler_persists_one_job(tmp_path):
         sched.shutdown(wait=False)
     assert "apscheduler_jobs" not in inspect(rt.engine).get_table_names()
     rt.close()
+
+
+def test_a_nights_encoder_states_give_the_models_own_answers(night_rt):
+    """Reused encoder states (a per-user adapter leaves the encoder alone) change nothing: the
+    logits and the replay vectors equal those of a full forward."""
+    from nightowl.adapters.personal import adapts_encoder
+    from nightowl.memory.examples import Example
+
+    kit = night_rt.personal
+    examples = [Example(i + 1, t, None, "negative", context="how was it?" if i % 2 else None)
+                for i, t in enumerate(SARCASTIC_TEST + SARCASTIC_TRAIN[:4])]
+    model = kit.trainable(None).eval()
+    assert not adapts_encoder(model)  # the default per-user LoRA: fusion layers and head only
+    with torch.no_grad():
+        direct, vectors = kit.logits(model, examples), kit.embed(examples)
+        with kit.frozen_encoder_states() as states:
+            reused = kit.logits(model, examples[:3]), kit.logits(model, examples)
+            assert len(states) == len(examples)  # each post encoded once
+            reused_vectors = kit.embed(examples)
+    assert torch.allclose(reused[1], direct, atol=1e-5) and torch.allclose(reused[0], direct[:3], atol=1e-5)
+    assert abs(reused_vectors - vectors).max() < 1e-5
+
+
+def test_held_back_posts_are_the_same_every_night_and_never_trained_on(night_rt):
+    from nightowl.continual.update import is_held_back
+    from nightowl.memory.examples import Example
+
+    held = [pid for pid in range(1, 2001) if is_held_back("u", Example(9, "t", None, "x", post_id=pid), 0.2)]
+    assert 0.17 < len(held) / 2000 < 0.23  # about the configured share
+    # keyed by the post: a relabelling (a new feedback id) keeps a post where it was
+    assert all(is_held_back("u", Example(fid, "t", None, "y", post_id=held[0]), 0.2) for fid in (1, 50, 7000))
+    assert not is_held_back("u", Example(-1, "t", None, "x"), 0.2)  # global examples are never held back
+
+    rt = night_rt
+    rt.update_config = UpdateConfig(epochs=1, n_global=0)
+    logger.create_user(rt, "h")
+    _teach(rt, "h", SARCASTIC_TRAIN, "negative")
+    first = run_night(rt).results[0]
+    _teach(rt, "h", SARCASTIC_TEST, "negative")
+    second = run_night(rt).results[0]
+    # the gate judged on held-back posts only, against the base as well from night 2 on
+    assert first.metrics["n_holdout"] >= 1 and first.metrics["gate_size"] == first.metrics["n_holdout"]
+    assert second.metrics["n_holdout"] >= first.metrics["n_holdout"]  # the held-back share only grows
+    assert first.metrics["n_train_new"] + first.metrics["n_holdout"] == len(SARCASTIC_TRAIN)
+    if second.adapter_version and first.status == RunStatus.promoted:
+        assert "gate_base_macro_f1" in second.metrics

@@ -78,3 +78,21 @@ def test_cli_bad_configuration_is_a_message(cli, monkeypatch, env, message):
         assert r.exit_code == 2, r.output
         assert "error: configuration: update" in r.output and message in r.output
         assert "Traceback" not in r.output
+
+
+def test_bench_forwards_to_the_checkouts_benchmark(tmp_path, monkeypatch):
+    """`nightowl bench personalize ...` runs `python -m benchmarks.personalize ...` in a checkout,
+    and says what is wrong anywhere else."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-m", "nightowl.cli", "bench", "personalize", "--help"], cwd=root,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "--p-correct" in out.stdout and "--protocol" in out.stdout
+    monkeypatch.chdir(tmp_path)
+    elsewhere = CliRunner().invoke(app, ["bench", "personalize", "--stream", "x.jsonl"])
+    assert elsewhere.exit_code == 2 and "nightowl checkout" in elsewhere.output
+    unknown = CliRunner().invoke(app, ["bench", "run", "nope"])
+    assert unknown.exit_code == 2 and "unknown benchmark" in unknown.output

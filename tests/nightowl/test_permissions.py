@@ -46,7 +46,7 @@ def _open_to_others(home) -> list[str]:
 def test_nothing_under_the_home_is_open_to_others(tmp_path, predictor, open_umask):
     home = tmp_path / "home"
     rt = Runtime(make_settings(home), predictor=predictor)
-    rt.update_config = UpdateConfig(epochs=1, n_global=0, min_new_for_holdout=100)
+    rt.update_config = UpdateConfig(epochs=1, n_global=0, min_examples_for_holdout=100)
     load_or_create_admin_token(None, home)
     logger.create_user(rt, "pat")
     image = (FIXTURES / "images" / "74960.jpg").read_bytes()

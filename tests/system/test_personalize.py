@@ -7,7 +7,7 @@ import random
 
 from typer.testing import CliRunner
 
-from benchmarks.personalize import ROWS, app
+from benchmarks.personalize import app
 
 LABELS = ["not_ironic", "ironic"]
 OPENERS = ["Oh great,", "Wonderful,", "Just what I needed:", "Love it,", "Sure,", "Fine,"]
@@ -41,25 +41,32 @@ def test_bench_personalize_writes_every_row(tmp_path):
     stream = write_stream(tmp_path / "tiny.jsonl")
     out = tmp_path / "results" / "personalization-tiny.json"
     result = CliRunner().invoke(app, [
-        "--stream", str(stream), "--out", str(out), "--users", "0",
-        "--base-epochs", "1", "--update-epochs", "2", "--joint-epochs", "1", "--work", str(tmp_path / "work"),
+        "--stream", str(stream), "--out", str(out), "--min-feedback", "1", "--min-test", "1",
+        "--seed", "0", "--seed", "1", "--row", "nightowl", "--row", "joint_annotator_embedding",
+        "--protocol", "labelled", "--protocol", "realistic", "--p-correct", "0.3",
+        "--base-epochs", "1", "--joint-epochs", "1", "--work", str(tmp_path / "work"),
     ])
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
-    assert data["n_users"] == 3 and data["nights"] == 2 and data["labels"] == LABELS
-    rows = {r["name"]: r for r in data["rows"]}
-    assert set(rows) == set(ROWS)
-    for r in rows.values():
-        for key in ("macro_f1_mean", "accuracy_mean", "gain_vs_base_mean", "share_users_gained", "per_night"):
-            assert key in r
-        assert 0 <= r["macro_f1_mean"] <= 100 and 0 <= r["share_users_gained"] <= 1
-    assert rows["base"]["gain_vs_base_mean"] == 0 and rows["base"]["share_users_gained"] == 0
-    for name in ("lora_no_replay", "lora_random_replay", "nightowl"):
-        nights = rows[name]["per_night"]
-        assert [n["night"] for n in nights] == [1, 2]
-        assert sum(nights[0]["statuses"].values()) == 3  # every user with feedback got a night
-        assert rows[name]["forgetting_mean"] is not None and rows[name]["bwt_mean"] is not None
-        assert rows[name]["nightly_seconds_per_user_median"] > 0
+    assert data["n_users"] == 3 and data["nights"] == 2 and data["labels"] == LABELS and data["seeds"] == [0, 1]
+    assert set(data["protocols"]) == {"labelled", "realistic_p0.3"}
+    labelled = {r["name"]: r for r in data["protocols"]["labelled"]["rows"]}
+    realistic = {r["name"]: r for r in data["protocols"]["realistic_p0.3"]["rows"]}
+    assert set(labelled) == {"base", "nightowl", "joint_annotator_embedding"}
+    assert set(realistic) == {"base", "nightowl"}  # the joint reference learns from every label: labelled only
+    for r in list(labelled.values()) + list(realistic.values()):
+        assert 0 <= r["macro_f1_mean"] <= 100 and 0 <= r["share_better"] <= 1 and 0 <= r["share_worse"] <= 1
+        assert r["gain_ci95"][0] <= r["gain_mean"] <= r["gain_ci95"][1]
+        assert [p["seed"] for p in r["per_seed"]] == [0, 1]
+    assert labelled["base"]["gain_mean"] == 0 and labelled["base"]["share_better"] == 0
+    for rows in (labelled, realistic):
+        night = rows["nightowl"]
+        assert [c["night"] for c in night["gain_by_night"]] == [1, 2]
+        assert night["forgetting"] is not None and night["seconds_per_user_night_median"] > 0
+        assert night["update_changes"] == {}  # the product's defaults
+    # every post labelled vs only some corrections: the realistic users give fewer labels
+    assert labelled["nightowl"]["labels_given_per_user"] == 16
+    assert realistic["nightowl"]["labels_given_per_user"] < 16
     assert all((out.parent / p).is_file() for p in data["plots"])
 
 
