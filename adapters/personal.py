@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 from contextlib import contextmanager
+from functools import cached_property
 from pathlib import Path
 from typing import Iterator
 
@@ -66,10 +67,7 @@ class EncoderStates:
             kwargs = {"input_ids": batch["input_ids"][rows, :width], "attention_mask": mask[rows, :width]}
             if batch.get("token_type_ids") is not None:
                 kwargs["token_type_ids"] = batch["token_type_ids"][rows, :width]
-            was = self.encoder.training
-            self.encoder.eval()
-            states = self.encoder(**kwargs).last_hidden_state
-            self.encoder.train(was)
+            states = self.encoder(**kwargs).last_hidden_state  # a frozen copy in eval mode: no dropout
             for k, j in enumerate(missing):
                 self._states[keys[j]] = states[k, : lengths[j]].clone()
         out = torch.zeros(*mask.shape, self.encoder.config.hidden_size, device=mask.device)
@@ -94,12 +92,16 @@ class PersonalKit:
         self.encoder_id = predictor.encoder_id
         self._states: EncoderStates | None = None
 
+    @cached_property
+    def _frozen_encoder(self) -> torch.nn.Module:
+        """The base's text encoder on the training device, frozen: copied once, shared by every night."""
+        return copy.deepcopy(self.predictor.pristine.encoder).to(self.device).eval().requires_grad_(False)
+
     @contextmanager
     def frozen_encoder_states(self) -> Iterator[EncoderStates]:
         """Within this block (one user's night), models whose encoder is not adapted reuse each
         post's encoder states; the states are dropped at the end (memory stays one user's)."""
-        encoder = copy.deepcopy(self.predictor.pristine.encoder).to(self.device).eval().requires_grad_(False)
-        self._states = EncoderStates(encoder)
+        self._states = EncoderStates(self._frozen_encoder)
         try:
             yield self._states
         finally:

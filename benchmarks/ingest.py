@@ -168,6 +168,8 @@ def kill9_trials(tmp: Path, env: dict, trials: int, clients: int = 8, seed: int 
     events that were lost and events stored twice."""
     import random
 
+    from sqlalchemy import text
+
     from nightowl.memory.db import make_engine  # the store's own engine (SQLite WAL), read after the trial
 
     rng = random.Random(seed)
@@ -212,8 +214,6 @@ def kill9_trials(tmp: Path, env: dict, trials: int, clients: int = 8, seed: int 
         server.stop()
         engine = make_engine(f"sqlite:///{home / 'nightowl.db'}")
         with engine.connect() as conn:
-            from sqlalchemy import text
-
             stored = [k for (k,) in conn.execute(text("SELECT idempotency_key FROM feedback WHERE idempotency_key LIKE :p"),
                                                    {"p": f"t{trial}-%"})]
         engine.dispose()

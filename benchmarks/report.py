@@ -27,6 +27,10 @@ def _fmt(v, digits: int = 2) -> str:
     return "–" if v is None else f"{v:.{digits}f}"
 
 
+def _pct(v) -> str:
+    return "–" if v is None else f"{v:.1f}%"
+
+
 def twitter2015_table(path: Path = RESULTS / "twitter2015.json") -> str:
     data = json.loads(path.read_text())
     lines = [
@@ -83,8 +87,8 @@ def personalize_table(path: Path = RESULTS / "personalization-multipico_en.json"
             lines.append(
                 f"| {r['name']} | {r['macro_f1_mean']:.2f} | {r['gain_mean']:+.2f} [{lo:+.2f}, {hi:+.2f}] | "
                 f"{100 * r['share_better']:.0f}% | {100 * r['share_worse']:.0f}% | {_fmt(r['forgetting'])} | "
-                f"{_fmt(r['bwt'])} | {_fmt(r['labels_given_per_user'], 0)} | {_fmt(r['served_accuracy'], 1)}% | "
-                f"{_fmt(r['seconds_per_user_night_median'], 1)} |".replace("| –% |", "| – |")
+                f"{_fmt(r['bwt'])} | {_fmt(r['labels_given_per_user'], 0)} | {_pct(r['served_accuracy'])} | "
+                f"{_fmt(r['seconds_per_user_night_median'], 1)} |"
             )
     return "\n".join(lines)
 
