@@ -150,16 +150,22 @@ class PersonalKit:
         return model(**batch)
 
     @torch.inference_mode()
-    def scores(self, model: torch.nn.Module, examples: list[Example]) -> dict:
-        """Accuracy and macro-F1 (fractions) of a model on labelled examples."""
-        if not examples:
-            return {"accuracy": float("nan"), "macro_f1": float("nan")}
+    def predictions(self, model: torch.nn.Module, examples: list[Example]) -> list[int]:
+        """The label index a model gives each example."""
         was = model.training
         model.eval()
         pred: list[int] = []
         for start in range(0, len(examples), 64):
             pred += self.logits(model, examples[start : start + 64]).argmax(-1).cpu().tolist()
         model.train(was)
+        return pred
+
+    def scores(self, model: torch.nn.Module, examples: list[Example], pred: list[int] | None = None) -> dict:
+        """Accuracy and macro-F1 (fractions) of a model on labelled examples (`pred`: its
+        predictions, when already made)."""
+        if not examples:
+            return {"accuracy": float("nan"), "macro_f1": float("nan")}
+        pred = self.predictions(model, examples) if pred is None else pred
         s = scores([self.labels.index(e.label) for e in examples], pred, len(self.labels))
         return {"accuracy": s["accuracy"], "macro_f1": s["macro_f1"]}
 

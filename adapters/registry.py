@@ -103,14 +103,15 @@ def activate(session: Session, user_id: str, version: int, reason: str | None = 
     return target
 
 
-def rollback(session: Session, user_id: str, version: int | None, adapters_root: Path) -> AdapterVersion | None:
-    """Go back to an earlier version (or to the base model with version=None)."""
+def rollback(session: Session, user_id: str, version: int | None, adapters_root: Path,
+             reason: str = "rolled back to the base model") -> AdapterVersion | None:
+    """Go back to an earlier version (or to the base model with version=None; `reason` says why)."""
     lock_user(session, user_id)
     if version is None:
         current = active(session, user_id)
         if current is not None:
             current.status = AdapterStatus.retired
-            current.reason = "rolled back to the base model"
+            current.reason = reason
             session.add(current)
         return None
     target = get(session, user_id, version)

@@ -81,11 +81,14 @@ ROWS: dict[str, Row] = {
     "lora_random_replay": Row("nightly", {"replay": "random"}, "defaults, replay drawn at random instead of by FAISS"),
     "nightowl_no_prior": Row("nightly", {"prior_strength": 0.0}, "defaults without the user's label-prior correction"),
     "nightowl_global_replay": Row("nightly", {"n_global": 16}, "defaults plus 16 global (base-data) examples in each night's replay"),
+    "nightowl_no_standing": Row("nightly", {"standing_ratio": 0.0}, "defaults, answers let stand neither trained on nor gated on"),
+    "nightowl_tie_gate": Row("nightly", {"gate_evidence_z": 0.0}, "defaults, the gate promotes on 'not worse' without evidence against the base"),
     "joint_annotator_embedding": Row("joint", about="upper reference: one model for all users, a learned embedding per user"),
 }
 DEFAULT_ROWS = ["base", "nightowl", "lora_no_replay"]
 COLORS = {"base": "tab:gray", "lora_no_replay": "tab:blue", "lora_random_replay": "tab:orange", "nightowl": "tab:red",
           "nightowl_no_prior": "tab:green", "nightowl_global_replay": "tab:brown",
+          "nightowl_no_standing": "tab:olive", "nightowl_tie_gate": "tab:pink",
           "joint_annotator_embedding": "tab:purple"}  # one colour per row in every plot
 WORK = Path(__file__).resolve().parent / "work" / "personalize"
 
@@ -131,6 +134,7 @@ class BenchConfig:
     jobs: int = 1  # runs in this many processes (the CPU's threads are split between them)
     bootstrap: int = 4000
     work: Path = WORK
+    code: str = field(default_factory=lambda: code_digest())  # finished runs are reused by the same code only
 
 
 # -- inputs and scores -------------------------------------------------------------------------
@@ -365,13 +369,31 @@ class Task:
         return f"{self.protocol.key}/seed{self.seed}/{self.row}"
 
 
+def code_digest() -> str:
+    """The source of the installed nightowl package (every subpackage, wherever pyproject maps
+    it from) and of the benchmarks: a finished run is reused only by the same code."""
+    import importlib
+    import pkgutil
+
+    import nightowl
+
+    dirs = {Path(p) for p in nightowl.__path__} | {Path(__file__).resolve().parent}
+    for info in pkgutil.walk_packages(nightowl.__path__, "nightowl."):
+        if info.ispkg:
+            dirs.update(Path(p) for p in importlib.import_module(info.name).__path__)
+    h = hashlib.sha256()
+    for f in sorted({f.resolve() for d in dirs for f in d.rglob("*.py")}):
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 def _task_cache(task: Task, users: list[str], base_dir: Path, cfg: BenchConfig) -> Path:
-    """Keyed by everything a run's numbers depend on: the stream, the users, the base model's
-    files, the row's update settings, the protocol and the seed."""
+    """Keyed by everything a run's numbers depend on: the code, the stream, the users, the base
+    model's files, the row's update settings, the protocol and the seed."""
     row = ROWS[task.row]
     update = row.update_config().model_dump() if row.kind == "nightly" else None
     key = hashlib.sha256(json.dumps([task.row, asdict(task.protocol) if row.kind == "nightly" else None, task.seed, users,
-                                     model_digest(base_dir), update, cfg.joint_epochs,
+                                     model_digest(base_dir), update, cfg.joint_epochs, cfg.code,
                                      hashlib.sha256(Path(cfg.stream).read_bytes()).hexdigest()]).encode())
     return cfg.work / "runs" / f"{task.row}-{key.hexdigest()[:16]}.json"
 
@@ -598,6 +620,7 @@ def run(cfg: BenchConfig) -> dict:
         "stream": str(cfg.stream),
         "stream_header": stream.header,
         "command": command_line(cfg),
+        "code_digest": cfg.code,
         "commit": _commit(),
         "users_rule": f"users with >= {cfg.min_feedback} feedback rows and >= {cfg.min_test} test rows"
                       + (f", a seeded subset of {cfg.users}" if cfg.users else ""),

@@ -1,15 +1,18 @@
 """The gate: tonight's candidate adapter replaces the active one only if it is not worse.
 
 The candidate, the adapter it was trained from and the base model are scored on the same
-examples by `UpdateConfig.gate_metric` (macro-F1 by default): tonight's held-back feedback, which
-none of them trained on. The candidate is promoted if it is at least as good as both (a tie
-promotes): a user is never moved below the base model they started from, nor below last night's
-adapter, on the evidence there is. The decision is written in one transaction under the user's
-lock, so a rollback that happened while the night trained is seen, and wins.
+examples by `UpdateConfig.gate_metric` (macro-F1 by default): the user's held-back posts (the
+labels they gave there and the answers they let stand there), which none of them trained on. The
+candidate is promoted if it is at least as good as both (a tie promotes) and, where it and the
+base disagree, it is right clearly more often than the base (`gate_evidence_z`, a sign test): a
+user is never moved below the base model they started from, nor below last night's adapter, on
+the evidence there is. The decision is written in one transaction under the user's lock, so a
+rollback that happened while the night trained is seen, and wins.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,7 @@ from nightowl.settings import UpdateConfig
 class Verdict:
     promoted: bool
     reason: str
+    back_to_base: bool  # not promoted, and the base now beats the adapter the user is on
     metrics: dict[str, Any]  # gate_metric, gate_size, gate_candidate_*, gate_active_*
 
 
@@ -77,21 +81,47 @@ def judge(
         gate_set = new + replay
         gate_kind = f"in-sample new feedback + replay (no held-back posts: fewer than {config.min_examples_for_holdout} examples)"
     metric = config.gate_metric
-    cand = kit.scores(candidate, gate_set)
-    rivals = {f"active v{start.version}" if start else "base": kit.trainable(start_dir)}
+    models = {"candidate": candidate, f"active v{start.version}" if start else "base": kit.trainable(start_dir)}
     if start is not None:
-        rivals["base"] = kit.trainable(None)  # a fresh adapter: LoRA B = 0, the base's own head
-    rival_scores = {name: kit.scores(model, gate_set) for name, model in rivals.items()}
-    promoted = all(cand[metric] >= r[metric] for r in rival_scores.values())
-    versus = ", ".join(f"{name} {r[metric]:.3f}" for name, r in rival_scores.items())
+        models["base"] = kit.trainable(None)  # a fresh adapter: LoRA B = 0, the base's own head
+    preds = {name: kit.predictions(model, gate_set) for name, model in models.items()}
+    marks = {name: kit.scores(models[name], gate_set, pred) for name, pred in preds.items()}
+    cand = marks.pop("candidate")
+    not_worse = all(cand[metric] >= r[metric] for r in marks.values())
+    evidence = sign_test(kit, gate_set, preds["candidate"], preds["base"], config.gate_evidence_z)
+    promoted = not_worse and evidence["passed"]
+    # The held-back evidence grows every night: an adapter promoted on a few posts may since have
+    # fallen behind the base; the same test, the other way round, sends the user back to it.
+    back_to_base = False
+    if start is not None and not promoted:
+        against = sign_test(kit, gate_set, preds["base"], preds[f"active v{start.version}"], config.gate_evidence_z)
+        back_to_base = config.gate_evidence_z > 0 and against["passed"]
+    versus = ", ".join(f"{name} {r[metric]:.3f}" for name, r in marks.items())
     reason = f"gate on {len(gate_set)} examples ({gate_kind}), {metric}: candidate {cand[metric]:.3f} vs {versus}"
-    active = next(iter(rival_scores.values()))
-    figures = {"gate_metric": metric, "gate_size": len(gate_set),
+    if not evidence["passed"]:
+        reason += (f"; not enough evidence against the base: right where it is wrong on {evidence['wins']}, "
+                   f"wrong where it is right on {evidence['losses']} (needs a margin of z={evidence['z']:g})")
+    active = next(iter(marks.values()))
+    if back_to_base:
+        reason += (f"; the base beats active v{start.version} on the evidence (right where it is wrong on "
+                   f"{against['wins']}, wrong where it is right on {against['losses']}): back to the base")
+    figures = {"gate_metric": metric, "gate_size": len(gate_set), "gate_evidence": evidence, "back_to_base": back_to_base,
                **{f"gate_candidate_{k}": v for k, v in cand.items()},
                **{f"gate_active_{k}": v for k, v in active.items()}}
-    if "base" in rival_scores and start is not None:
-        figures.update({f"gate_base_{k}": v for k, v in rival_scores["base"].items()})
-    return Verdict(promoted, reason, figures)
+    if "base" in marks and start is not None:
+        figures.update({f"gate_base_{k}": v for k, v in marks["base"].items()})
+    return Verdict(promoted, reason, back_to_base, figures)
+
+
+def sign_test(kit: PersonalKit, examples: list[Example], candidate: list[int], base: list[int], z: float) -> dict[str, Any]:
+    """Whether the candidate beats the base where the two disagree: right on `wins` posts the
+    base gets wrong, wrong on `losses` it gets right; passed if wins - losses >= z * sqrt(wins +
+    losses) and wins > losses (a one-sided sign test; z = 0 leaves it to the metric alone)."""
+    gold = [kit.labels.index(e.label) for e in examples]
+    wins = sum(c == g != b for g, c, b in zip(gold, candidate, base))
+    losses = sum(b == g != c for g, c, b in zip(gold, candidate, base))
+    passed = z <= 0 or (wins > losses and wins - losses >= z * math.sqrt(wins + losses))
+    return {"wins": wins, "losses": losses, "z": z, "passed": passed}
 
 
 def decide(
@@ -122,6 +152,8 @@ def decide(
             registry.activate(s, job.user_id, version, reason=f"promoted: {reason}")
         else:
             night_queries.reject_candidate(s, row, reason)
+            if verdict.back_to_base and (now_active and now_active.version) == active_version:
+                registry.rollback(s, job.user_id, None, rt.settings.adapters_dir, reason=f"back to the base model: {reason}")
         status = RunStatus.promoted if promoted else RunStatus.rejected
         night_queries.finish_run(
             s, run_id, status, metrics, n_new_feedback=n_new, n_replay=n_replay, adapter_version=version

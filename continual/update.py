@@ -5,7 +5,9 @@ kill at any point leaves the active adapter as it was:
 1. select examples: the user's examples up to the night's cutoff; "new" = feedback after the
    active adapter's (all of it when the active adapter was trained over another base model);
 2. hold back: a fixed share of the user's posts (by a hash of the post id) is never trained on or
-   replayed; the gate judges every candidate on all of it (it grows night by night);
+   replayed; the gate judges every candidate on all of it (it grows night by night): the labels
+   given on those posts and the answers let stand on them; of the rest, the latest answers let
+   stand are trained on beside tonight's new labels (`standing_ratio`);
 3. select replay: sync the user's FAISS memory with the store and select replay for the new examples;
 4. train candidate: the user's label prior is re-estimated and used as a fixed logit offset (last
    night's is taken out of the head first); avalanche: a Naive strategy trains on tonight's
@@ -65,13 +67,26 @@ class Tonight:
     examples: list[Example]  # every example of the user's up to the cutoff
     new: list[Example]  # feedback after the start adapter's
     older: list[Example]
-    uncorrected: list[str]  # answers served and let stand (see night_queries.served_labels_not_corrected)
+    standing: list[Example]  # answers served and let stand, oldest first (night_queries.standing_answers)
     earlier: list[tuple[int, list[Example]]]  # earlier experiences, keyed by their last feedback id
 
     @property
     def through(self) -> int:
         """The last feedback id tonight trains on (the candidate's trained_through_feedback_id)."""
         return max(e.id for e in self.new)
+
+
+@dataclass(frozen=True)
+class Split:
+    """Tonight's examples by use (stage 2)."""
+
+    holdout: list[Example]  # the gate's evidence: held-back labels and held-back answers let stand
+    train_new: list[Example]  # tonight's new labels, held-back ones excepted
+    train_standing: list[Example]  # answers let stand, trained on beside train_new
+
+    @property
+    def held_post_ids(self) -> set[int]:
+        return {e.post_id for e in self.holdout}
 
 
 @dataclass
@@ -93,7 +108,7 @@ def update_user(rt: Runtime, job: UserJob, config: UpdateConfig | None = None) -
 
     with session_scope(rt.engine) as s:
         require_current(s, job)  # the examples are this user's
-        tonight = select_examples(s, job, kit.encoder_id, rt.settings.adapters_dir)
+        tonight = select_examples(s, job, kit.encoder_id, kit.labels, rt.settings.adapters_dir)
         run_id = night_queries.start_run(s, job.user_id, job.night_id, job.cutoff_time)
     if not tonight.new:
         with session_scope(rt.engine) as s:
@@ -101,13 +116,14 @@ def update_user(rt: Runtime, job: UserJob, config: UpdateConfig | None = None) -
         return UserResult(job.user_id, RunStatus.skipped)
 
     with kit.frozen_encoder_states():  # the encoder's states, computed once for the whole night
-        holdout, train_new = hold_back(tonight, job.user_id, config)
-        replay, replay_info = select_replay(rt.replay_memory, job.user_id, tonight, train_new, holdout, config, rng)
-        candidate = train_candidate(kit, config, tonight, train_new, holdout, replay)
+        split = hold_back(tonight, job.user_id, config)
+        replay, replay_info = select_replay(rt.replay_memory, job.user_id, tonight, split, config, rng)
+        candidate = train_candidate(kit, config, tonight, split, replay)
         metrics = {
             "n_new": len(tonight.new),
-            "n_train_new": len(train_new),
-            "n_holdout": len(holdout),
+            "n_train_new": len(split.train_new),
+            "n_train_standing": len(split.train_standing),
+            "n_holdout": len(split.holdout),
             "replay": replay_info,
             **measure_forgetting(rt, job, tonight, candidate),
             "logit_adjustment": candidate.adjustment,
@@ -116,21 +132,22 @@ def update_user(rt: Runtime, job: UserJob, config: UpdateConfig | None = None) -
         version = write_candidate(rt, kit, job, tonight, candidate, metrics, t0)
         status = gate(
             rt, job, config, candidate.peft_model, version=version, run_id=run_id, start=tonight.start,
-            active_version=tonight.active_version, new=tonight.new, holdout=holdout, replay=replay, metrics=metrics,
+            active_version=tonight.active_version, new=tonight.new, holdout=split.holdout, replay=replay, metrics=metrics,
         )
     return UserResult(job.user_id, status, version, metrics, seconds=time.perf_counter() - t0)
 
 
 # -- the stages, in order ----------------------------------------------------------------------
 
-def select_examples(s: Session, job: UserJob, encoder_id: str, adapters_dir: Path) -> Tonight:
-    """1. The user's examples up to the cutoff, split into new (after the start adapter) and older."""
+def select_examples(s: Session, job: UserJob, encoder_id: str, labels: list[str], adapters_dir: Path) -> Tonight:
+    """1. The user's examples up to the cutoff, split into new (after the start adapter) and older,
+    and the answers they let stand (those in today's label set)."""
     active = registry.active(s, job.user_id)
     # An adapter trained over another base model is no start: train afresh on all feedback.
     start = active if active and registry.built_on(active, encoder_id) else None
     trained_through = start.trained_through_feedback_id if start else 0
     examples = night_queries.user_examples(s, job.user_id, through_feedback_id=job.cutoff_feedback_id)
-    uncorrected = night_queries.served_labels_not_corrected(s, job.user_id, job.cutoff_time, job.cutoff_feedback_id)
+    standing = night_queries.standing_answers(s, job.user_id, job.cutoff_time, job.cutoff_feedback_id)
     history = night_queries.user_experiences(s, job.user_id)
     by_id = {e.id: e for e in examples}
     earlier = [(key, [by_id[i] for i in ids if i in by_id]) for key, ids in history]
@@ -141,22 +158,29 @@ def select_examples(s: Session, job: UserJob, encoder_id: str, adapters_dir: Pat
         examples=examples,
         new=[e for e in examples if e.id > (trained_through or 0)],
         older=[e for e in examples if e.id <= (trained_through or 0)],
-        uncorrected=uncorrected,
+        standing=[e for e in standing if e.label in labels],
         earlier=[(key, exs) for key, exs in earlier if exs],
     )
 
 
-def hold_back(tonight: Tonight, user_id: str, config: UpdateConfig) -> tuple[list[Example], list[Example]]:
-    """2. (held back, new to train on): the user's held-back posts are a fixed share chosen by a
-    hash of the post id, so a post held back once is held back every night: no candidate, no
-    earlier adapter and not the base ever trained on them, and the gate's evidence grows with
-    the user's history instead of being a fifth of tonight's few. A user with fewer examples
-    than `min_examples_for_holdout` has none held back."""
+def hold_back(tonight: Tonight, user_id: str, config: UpdateConfig) -> Split:
+    """2. The user's held-back posts are a fixed share chosen by a hash of the post id, so a post
+    held back once is held back every night: no candidate, no earlier adapter and not the base
+    ever trained on them, and the gate's evidence grows with the user's history instead of being
+    a fifth of tonight's few. A user with fewer labelled examples than `min_examples_for_holdout`
+    has none held back. Of the answers let stand and not held back, the latest are trained on:
+    at most `standing_ratio` per new label."""
+    use_standing = config.standing_ratio > 0
     if len(tonight.examples) < config.min_examples_for_holdout or config.holdout_fraction <= 0:
-        return [], list(tonight.new)
-    holdout = [e for e in tonight.examples if is_held_back(user_id, e, config.holdout_fraction)]
-    held = {e.id for e in holdout}
-    return holdout, [e for e in tonight.new if e.id not in held]
+        holdout: list[Example] = []
+    else:
+        candidates = tonight.examples + (tonight.standing if use_standing else [])
+        holdout = [e for e in candidates if is_held_back(user_id, e, config.holdout_fraction)]
+    held = {e.post_id for e in holdout}
+    train_new = [e for e in tonight.new if e.post_id not in held]
+    n_standing = int(np.ceil(config.standing_ratio * len(train_new))) if use_standing else 0
+    free = [e for e in tonight.standing if e.post_id not in held]
+    return Split(holdout, train_new, free[::-1][:n_standing])
 
 
 def is_held_back(user_id: str, example: Example, fraction: float) -> bool:
@@ -171,16 +195,16 @@ def select_replay(
     memory: ReplayMemory,
     user_id: str,
     tonight: Tonight,
-    train_new: list[Example],
-    holdout: list[Example],
+    split: Split,
     config: UpdateConfig,
     rng: np.random.Generator,
 ) -> tuple[list[Example], dict]:
     """3. Older examples to train on beside the new ones (and the selection's make-up). The
     held-back slice is never replayed: the gate must score it unseen."""
     index = memory.sync_user(user_id, tonight.examples)
-    held = {e.id for e in holdout}
-    older = [e for e in tonight.older if e.id not in held]
+    held = split.held_post_ids
+    train_new = split.train_new
+    older = [e for e in tonight.older if e.post_id not in held]
     if config.replay == "none":
         return [], {"kind": "none"}
     if config.replay == "random":
@@ -199,7 +223,7 @@ def select_replay(
         random_ratio=config.random_ratio,
         n_global=config.n_global,
         rng=rng,
-        exclude=[e.id for e in holdout],
+        exclude=[e.id for e in tonight.examples if e.post_id in held],
     )
     by_id = {e.id: e for e in tonight.examples}
     chosen = [by_id[i] for i in sel.user_ids if i in by_id] + sel.global_examples
@@ -211,26 +235,27 @@ def train_candidate(
     kit: PersonalKit,
     config: UpdateConfig,
     tonight: Tonight,
-    train_new: list[Example],
-    holdout: list[Example],
+    split: Split,
     replay: list[Example],
 ) -> Candidate:
-    """4. Avalanche trains the user's adapter on tonight's experience, with replay mixed in."""
+    """4. Avalanche trains the user's adapter on tonight's experience (new labels and answers let
+    stand), with replay mixed in."""
     table = ExampleTable()
-    train_ds = table.dataset(train_new, kit.labels)
-    eval_sets = [table.dataset(exs, kit.labels) for _, exs in tonight.earlier] + [train_ds]
+    train_new = split.train_new
+    train_ds = table.dataset(train_new + split.train_standing, kit.labels)
+    # Tonight's experience, as forgetting measures it later: the labels the user gave.
+    eval_sets = [table.dataset(exs, kit.labels) for _, exs in tonight.earlier] + [table.dataset(train_new, kit.labels)]
 
     # The user's prior correction: taken out of the current adapter's head, re-estimated from
-    # the user's posts up to tonight's cutoff (the labels they gave, held-back ones excepted, and
-    # the answers they let stand), used as a fixed offset while training and folded back into
-    # the head once trained.
+    # the user's posts up to tonight's cutoff (the labels they gave and the answers they let
+    # stand, held-back posts excepted: the gate judges on those), used as a fixed offset while
+    # training and folded back into the head once trained.
     start = tonight.start
     previous_adjustment = (start.metrics or {}).get("logit_adjustment") if start else None
     adjustment = None
     if config.prior_strength > 0:
-        held = {e.id for e in holdout}
-        given = [e.label for e in tonight.examples if e.id not in held]
-        labels = given + [x for x in tonight.uncorrected if x in kit.labels]
+        held = split.held_post_ids
+        labels = [e.label for e in tonight.examples + tonight.standing if e.post_id not in held]
         adjustment = kit.prior_adjustment(labels, config.prior_strength)
     peft_model = kit.trainable(tonight.start_dir)
     kit.shift_head_bias(peft_model, previous_adjustment, sign=-1.0)

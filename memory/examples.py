@@ -10,7 +10,7 @@ from dataclasses import dataclass
 class Example:
     """A labelled example as the memory (and the trainer) sees it."""
 
-    id: int  # feedback id (> 0) for a user's example; -(position + 1) for a global one
+    id: int  # feedback id (> 0) for a user's example; 0 for an answer the user let stand; -(position + 1) for a global one
     text: str
     aspect: str | None
     label: str

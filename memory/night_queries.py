@@ -83,39 +83,50 @@ def user_examples(session: Session, user_id: str, through_feedback_id: int | Non
     if through_feedback_id is not None:
         q = q.where(Feedback.id <= through_feedback_id)
     latest: dict[int, Example] = {}
-    rationales = {
+    rationales = _rationales(session, user_id)
+    for fb, post in session.exec(q.order_by(col(Feedback.id))):
+        latest[post.id] = _example(post, fb.label, fb.id, rationales)
+    return sorted(latest.values(), key=lambda e: e.id)
+
+
+def standing_answers(session: Session, user_id: str, cutoff: datetime, through_feedback_id: int) -> list[Example]:
+    """The answers the user was served and let stand: their posts up to `cutoff` with no feedback
+    up to `through_feedback_id`, labelled with the latest answer served (id 0: no feedback row),
+    oldest post first. Feedback is mostly correction, so the labels a user gives are not a fair
+    sample of their posts; the answers they let stand are the rest of the picture."""
+    corrected = select(Feedback.post_id).where(Feedback.user_id == user_id, Feedback.id <= through_feedback_id)
+    rows = session.exec(
+        select(Post, Prediction.label)
+        .join(Prediction, Post.id == Prediction.post_id)
+        .where(Post.user_id == user_id, Post.created_at <= cutoff, col(Post.id).not_in(corrected))
+        .order_by(col(Prediction.id))
+    )
+    latest = {post.id: (post, label) for post, label in rows}  # a post's latest answer wins
+    rationales = _rationales(session, user_id)
+    return [_example(post, label, 0, rationales) for post, label in sorted(latest.values(), key=lambda r: r[0].id)]
+
+
+def _rationales(session: Session, user_id: str) -> dict[int, str]:
+    """The latest stored rationale of each of the user's posts."""
+    return {
         r.post_id: r.text
         for r in session.exec(
             select(Rationale).join(Post, Post.id == Rationale.post_id).where(Post.user_id == user_id).order_by(col(Rationale.id))
         )
     }
-    for fb, post in session.exec(q.order_by(col(Feedback.id))):
-        latest[post.id] = Example(
-            id=fb.id,
-            text=post.text,
-            aspect=post.aspect,
-            label=fb.label,
-            image_sha256=post.image_sha256,
-            context=post.context,
-            rationale=rationales.get(post.id),
-            post_id=post.id,
-        )
-    return sorted(latest.values(), key=lambda e: e.id)
 
 
-def served_labels_not_corrected(session: Session, user_id: str, cutoff: datetime, through_feedback_id: int) -> list[str]:
-    """The answers the user was served, for their posts up to `cutoff` that got no feedback up
-    to `through_feedback_id`. Feedback is mostly correction, so the labels a user gives are not a
-    fair sample of their posts; served answers they let stand are the rest of the picture."""
-    corrected = select(Feedback.post_id).where(Feedback.user_id == user_id, Feedback.id <= through_feedback_id)
-    rows = session.exec(
-        select(Prediction.post_id, Prediction.label)
-        .join(Post, Post.id == Prediction.post_id)
-        .where(Post.user_id == user_id, Post.created_at <= cutoff, col(Post.id).not_in(corrected))
-        .order_by(col(Prediction.id))
+def _example(post: Post, label: str, example_id: int, rationales: dict[int, str]) -> Example:
+    return Example(
+        id=example_id,
+        text=post.text,
+        aspect=post.aspect,
+        label=label,
+        image_sha256=post.image_sha256,
+        context=post.context,
+        rationale=rationales.get(post.id),
+        post_id=post.id,
     )
-    latest = {post_id: label for post_id, label in rows}  # a post's latest answer wins
-    return list(latest.values())
 
 
 def user_experiences(session: Session, user_id: str) -> list[tuple[int, list[int]]]:

@@ -104,8 +104,26 @@ class UpdateConfig(BaseModel):
         description="The user's label prior vs the base model's, added to the logits "
         "(PersonalKit.prior_adjustment); pseudo-counts of the base prior. <= 0 turns the correction off.",
     )
+    # Feedback is mostly correction: trained and judged on corrections alone, a candidate learns
+    # to disagree with the answers it was served, and a gate that scores on corrections alone
+    # rewards it. The answers a user let stand are the counterweight (benchmarks.personalize,
+    # realistic protocol).
+    standing_ratio: float = Field(
+        default=1.0, ge=0,
+        description="Answers the user let stand (served, never corrected) trained on beside tonight's new labels, "
+        "at most this many per new label (the latest first); the held-back ones join the gate's evidence. "
+        "0: silence is neither trained on nor judged by (the label prior still counts it).",
+    )
     gate_metric: Literal["macro_f1", "accuracy"] = Field(
         default="macro_f1", description="What 'not worse' means at the gate."
+    )
+    # A user must not end below the base they started from. Tied or noisy held-back evidence
+    # promoted adapters that served users worse than the base on their own posts.
+    gate_evidence_z: float = Field(
+        default=1.0, ge=0,
+        description="Leaving the base needs evidence: on the held-back posts where the candidate and the base "
+        "disagree, the candidate must be right on b and the base on c with b - c >= z * sqrt(b + c) "
+        "(a one-sided sign test), besides not being worse by gate_metric. 0: not worse is enough.",
     )
 
 

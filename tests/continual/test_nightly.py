@@ -28,6 +28,7 @@ from nightowl.memory.models import (
     RunStatus,
     TrainingRun,
 )
+from nightowl.memory.models import utcnow
 from nightowl.runtime import Runtime
 from nightowl.settings import UpdateConfig
 from tests.conftest import make_settings
@@ -448,3 +449,103 @@ def test_held_back_posts_are_the_same_every_night_and_never_trained_on(night_rt)
     assert first.metrics["n_train_new"] + first.metrics["n_holdout"] == len(SARCASTIC_TRAIN)
     if second.adapter_version and first.status == RunStatus.promoted:
         assert "gate_base_macro_f1" in second.metrics
+
+
+def test_sign_test_needs_a_margin_over_the_base(predictor, tmp_path):
+    from nightowl.continual.gate import sign_test
+    from nightowl.memory.examples import Example
+
+    rt = Runtime(make_settings(tmp_path / "home"), predictor=predictor)
+    kit = rt.personal
+    neg, pos = rt.labels.index("negative"), rt.labels.index("positive")
+    gold = [Example(i + 1, "t", None, "negative") for i in range(6)]
+    # the candidate is right on 3 posts the base gets wrong, and wrong on none it gets right
+    wins3 = sign_test(kit, gold, [neg] * 6, [pos, pos, pos, neg, neg, neg], z=1.0)
+    assert (wins3["wins"], wins3["losses"], wins3["passed"]) == (3, 0, True)  # 3 >= sqrt(3)
+    # 2 against 1: 1 < sqrt(3), not enough; nor are no disagreements at all
+    two_one = sign_test(kit, gold, [neg, neg, pos, neg, neg, neg], [pos, pos, neg, neg, neg, neg], z=1.0)
+    assert (two_one["wins"], two_one["losses"], two_one["passed"]) == (2, 1, False)
+    assert not sign_test(kit, gold, [neg] * 6, [neg] * 6, z=1.0)["passed"]
+    assert sign_test(kit, gold, [neg] * 6, [neg] * 6, z=0.0)["passed"]  # z = 0: the metric decides alone
+    rt.close()
+
+
+def test_a_candidate_no_different_from_the_base_is_not_promoted(night_rt):
+    """Nothing learned (lr 0, no prior): 'not worse' holds, but there is no evidence to leave the base."""
+    rt = night_rt
+    rt.update_config = UpdateConfig(epochs=1, lr=0.0, prior_strength=0.0, min_examples_for_holdout=1, holdout_fraction=0.5)
+    logger.create_user(rt, "same")
+    _teach(rt, "same", SARCASTIC_TRAIN, "negative")
+    result = run_night(rt).results[0]
+    evidence = result.metrics["gate_evidence"]
+    assert result.status == RunStatus.rejected and evidence == {"wins": 0, "losses": 0, "z": 1.0, "passed": False}
+    assert result.metrics["gate_candidate_macro_f1"] == result.metrics["gate_active_macro_f1"]  # tied with the base
+    with Session(rt.engine) as s:
+        row = s.exec(select(AdapterVersion).where(AdapterVersion.user_id == "same")).one()
+        assert registry.active(s, "same") is None and "not enough evidence against the base" in row.reason
+
+
+def test_answers_let_stand_are_trained_on_and_join_the_gates_evidence(night_rt):
+    """Posts served and never corrected: the latest are trained on (at most standing_ratio per new
+    label), the held-back ones are gate evidence, and none of them is both."""
+    from nightowl.continual.update import is_held_back
+    from nightowl.memory import night_queries
+
+    rt = night_rt
+    rt.update_config = UpdateConfig(epochs=1, standing_ratio=1.0, holdout_fraction=0.3, min_examples_for_holdout=1)
+    logger.create_user(rt, "quiet")
+    silent = [logger.log_post(rt, "quiet", t) for t in SARCASTIC_TEST + SARCASTIC_TRAIN[8:]]  # answers left standing
+    _teach(rt, "quiet", SARCASTIC_TRAIN[:8], "negative")
+    with Session(rt.engine) as s:
+        standing = night_queries.standing_answers(s, "quiet", utcnow(), 10**9)
+    assert [e.post_id for e in standing] == [p.post_id for p in silent]  # oldest first, no feedback among them
+    assert [e.label for e in standing] == [p.prediction.label for p in silent] and {e.id for e in standing} == {0}
+
+    held_labels = sum(is_held_back("quiet", e, 0.3) for e in night_queries_examples(rt, "quiet"))
+    held_standing = sum(is_held_back("quiet", e, 0.3) for e in standing)
+    result = run_night(rt).results[0]
+    m = result.metrics
+    assert m["n_holdout"] == m["gate_size"] == held_labels + held_standing and held_standing > 0
+    assert m["n_train_new"] == 8 - held_labels
+    assert m["n_train_standing"] == min(m["n_train_new"], len(standing) - held_standing)
+
+    rt.update_config = UpdateConfig(epochs=1, standing_ratio=0.0, holdout_fraction=0.3, min_examples_for_holdout=1)
+    _teach(rt, "quiet", SARCASTIC_TRAIN[8:10], "negative")
+    off = run_night(rt).results[0].metrics
+    assert off["n_train_standing"] == 0 and off["gate_size"] == off["n_holdout"]
+    assert off["n_holdout"] == sum(is_held_back("quiet", e, 0.3) for e in night_queries_examples(rt, "quiet"))
+
+
+def night_queries_examples(rt, user):
+    from nightowl.memory import night_queries
+
+    with Session(rt.engine) as s:
+        return night_queries.user_examples(s, user)
+
+
+def test_an_adapter_the_base_now_beats_sends_the_user_back_to_the_base(night_rt):
+    """The held-back evidence grows: when it shows the base right where the user's adapter is
+    wrong (clearly, by the same sign test), a night that promotes nothing puts the user back on
+    the base, and says why."""
+    rt = night_rt
+    rt.update_config = UpdateConfig(epochs=8, gate_evidence_z=0.0, min_examples_for_holdout=100)  # in-sample, no evidence rule
+    logger.create_user(rt, "turn")
+    posts = [logger.log_post(rt, "turn", t) for t in SARCASTIC_TRAIN]
+    for p in posts:
+        logger.log_feedback(rt, "turn", p.post_id, "negative", None, f"n-{p.post_id}")
+    assert run_night(rt).counts() == {"promoted": 1}
+    assert sum(logger.log_post(rt, "turn", t).prediction.label == "negative" for t in SARCASTIC_TRAIN) >= 12
+
+    # The user changes their mind: the same posts are positive after all (the base's reading);
+    # nearly all of them are held back, so tonight's candidate learns next to nothing.
+    for p in posts:
+        logger.log_feedback(rt, "turn", p.post_id, "positive", None, f"p-{p.post_id}")
+    # (standing_ratio 0: the answers v1 served above, let stand, are not evidence here)
+    rt.update_config = UpdateConfig(epochs=1, holdout_fraction=0.95, min_examples_for_holdout=1, standing_ratio=0.0)
+    result = run_night(rt).results[0]
+    assert result.status == RunStatus.rejected and result.metrics["back_to_base"] is True, result.metrics
+    with Session(rt.engine) as s:
+        assert registry.active(s, "turn") is None
+        v1 = registry.get(s, "turn", 1)
+        assert v1.status == AdapterStatus.retired and v1.reason.startswith("back to the base model:")
+    assert logger.log_post(rt, "turn", SARCASTIC_TRAIN[0]).prediction.adapter_version is None
