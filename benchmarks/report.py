@@ -68,7 +68,8 @@ def personalize_table(path: Path = RESULTS / "personalization-multipico_en.json"
         f"seeds {', '.join(map(str, data['seeds']))}; per-user private test sets (median "
         f"{data['test_rows_per_user_median']:g} posts). Commit {data.get('commit') or '?'}, the product's default update "
         f"({defaults['epochs']} epochs, replay {defaults['replay']}, {defaults['n_global']} global examples, "
-        f"held back {defaults['holdout_fraction']:g}); `{data['command']}`.",
+        f"held back {defaults['holdout_fraction']:g}, answers let stand {defaults.get('standing_ratio', 0):g} per label, "
+        f"gate evidence z {defaults.get('gate_evidence_z', 0):g}); `{data['command']}`.",
     ]
     for key, proto in data["protocols"].items():
         p = proto["protocol"]
@@ -163,6 +164,9 @@ def systems_table() -> str:
 TABLES = {
     "twitter2015": twitter2015_table,
     "personalize": personalize_table,
+    # every post labelled, run separately this time (two seeds fitted in the session): the main
+    # file holds the realistic protocol
+    "personalize_labelled": lambda: personalize_table(RESULTS / "personalization-multipico_en-labelled.json"),
     "systems": systems_table,
 }
 

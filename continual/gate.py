@@ -6,7 +6,8 @@ labels they gave there and the answers they let stand there), which none of them
 candidate is promoted if it is at least as good as both (a tie promotes) and, where it and the
 base disagree, it is right clearly more often than the base (`gate_evidence_z`, a sign test): a
 user is never moved below the base model they started from, nor below last night's adapter, on
-the evidence there is. The decision is written in one transaction under the user's lock, so a
+the evidence there is; and a user whose adapter the base now clearly beats (the same test, the
+other way round) is sent back to the base. The decision is written in one transaction under the user's lock, so a
 rollback that happened while the night trained is seen, and wins.
 """
 

@@ -18,8 +18,9 @@ kill at any point leaves the active adapter as it was:
 6. write candidate: the offset is folded into the head's bias; the candidate's files are written
    (PEFT layout) and registered as a candidate;
 7. gate (continual.gate): candidate vs the adapter it started from and vs the base, on the
-   held-back posts, by `gate_metric` (macro-F1); promoted only if not worse than either, else
-   rejected with the reason.
+   held-back posts, by `gate_metric` (macro-F1); promoted only if not worse than either and
+   clearly right more often than the base where the two disagree (`gate_evidence_z`), else
+   rejected with the reason; a user whose adapter the base now clearly beats goes back to it.
 """
 
 from __future__ import annotations

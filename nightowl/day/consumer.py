@@ -126,8 +126,6 @@ class Consumer:
         self._stop.set()
 
     async def run(self, until_idle: bool = False, fetch_timeout_s: float = 1.0) -> Stats:
-        from nats.errors import TimeoutError as FetchTimeout
-
         nc = await broker.connect(self.cfg)
         pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="nightowl-consume")
         try:
@@ -140,7 +138,9 @@ class Consumer:
             while not self._stop.is_set():
                 try:
                     msgs = await sub.fetch(self.cfg.batch_size, timeout=fetch_timeout_s)
-                except FetchTimeout:
+                # nats-py raises its own TimeoutError, or a bare asyncio one when the fetch's
+                # deadline runs out between its steps (seen under load): both are "nothing yet".
+                except TimeoutError:
                     if until_idle:
                         break
                     continue
