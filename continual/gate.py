@@ -89,13 +89,14 @@ def judge(
     marks = {name: kit.scores(models[name], gate_set, pred) for name, pred in preds.items()}
     cand = marks.pop("candidate")
     not_worse = all(cand[metric] >= r[metric] for r in marks.values())
-    evidence = sign_test(kit, gate_set, preds["candidate"], preds["base"], config.gate_evidence_z)
+    gold = [kit.labels.index(e.label) for e in gate_set]
+    evidence = sign_test(gold, preds["candidate"], preds["base"], config.gate_evidence_z)
     promoted = not_worse and evidence["passed"]
     # The held-back evidence grows every night: an adapter promoted on a few posts may since have
     # fallen behind the base; the same test, the other way round, sends the user back to it.
     back_to_base = False
     if start is not None and not promoted:
-        against = sign_test(kit, gate_set, preds["base"], preds[f"active v{start.version}"], config.gate_evidence_z)
+        against = sign_test(gold, preds["base"], preds[f"active v{start.version}"], config.gate_evidence_z)
         back_to_base = config.gate_evidence_z > 0 and against["passed"]
     versus = ", ".join(f"{name} {r[metric]:.3f}" for name, r in marks.items())
     reason = f"gate on {len(gate_set)} examples ({gate_kind}), {metric}: candidate {cand[metric]:.3f} vs {versus}"
@@ -114,11 +115,10 @@ def judge(
     return Verdict(promoted, reason, back_to_base, figures)
 
 
-def sign_test(kit: PersonalKit, examples: list[Example], candidate: list[int], base: list[int], z: float) -> dict[str, Any]:
+def sign_test(gold: list[int], candidate: list[int], base: list[int], z: float) -> dict[str, Any]:
     """Whether the candidate beats the base where the two disagree: right on `wins` posts the
     base gets wrong, wrong on `losses` it gets right; passed if wins - losses >= z * sqrt(wins +
     losses) and wins > losses (a one-sided sign test; z = 0 leaves it to the metric alone)."""
-    gold = [kit.labels.index(e.label) for e in examples]
     wins = sum(c == g != b for g, c, b in zip(gold, candidate, base))
     losses = sum(b == g != c for g, c, b in zip(gold, candidate, base))
     passed = z <= 0 or (wins > losses and wins - losses >= z * math.sqrt(wins + losses))

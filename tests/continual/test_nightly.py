@@ -451,23 +451,19 @@ def test_held_back_posts_are_the_same_every_night_and_never_trained_on(night_rt)
         assert "gate_base_macro_f1" in second.metrics
 
 
-def test_sign_test_needs_a_margin_over_the_base(predictor, tmp_path):
+def test_sign_test_needs_a_margin_over_the_base():
     from nightowl.continual.gate import sign_test
-    from nightowl.memory.examples import Example
 
-    rt = Runtime(make_settings(tmp_path / "home"), predictor=predictor)
-    kit = rt.personal
-    neg, pos = rt.labels.index("negative"), rt.labels.index("positive")
-    gold = [Example(i + 1, "t", None, "negative") for i in range(6)]
+    neg, pos = 0, 2
+    gold = [neg] * 6
     # the candidate is right on 3 posts the base gets wrong, and wrong on none it gets right
-    wins3 = sign_test(kit, gold, [neg] * 6, [pos, pos, pos, neg, neg, neg], z=1.0)
+    wins3 = sign_test(gold, [neg] * 6, [pos, pos, pos, neg, neg, neg], z=1.0)
     assert (wins3["wins"], wins3["losses"], wins3["passed"]) == (3, 0, True)  # 3 >= sqrt(3)
     # 2 against 1: 1 < sqrt(3), not enough; nor are no disagreements at all
-    two_one = sign_test(kit, gold, [neg, neg, pos, neg, neg, neg], [pos, pos, neg, neg, neg, neg], z=1.0)
+    two_one = sign_test(gold, [neg, neg, pos, neg, neg, neg], [pos, pos, neg, neg, neg, neg], z=1.0)
     assert (two_one["wins"], two_one["losses"], two_one["passed"]) == (2, 1, False)
-    assert not sign_test(kit, gold, [neg] * 6, [neg] * 6, z=1.0)["passed"]
-    assert sign_test(kit, gold, [neg] * 6, [neg] * 6, z=0.0)["passed"]  # z = 0: the metric decides alone
-    rt.close()
+    assert not sign_test(gold, [neg] * 6, [neg] * 6, z=1.0)["passed"]
+    assert sign_test(gold, [neg] * 6, [neg] * 6, z=0.0)["passed"]  # z = 0: the metric decides alone
 
 
 def test_a_candidate_no_different_from_the_base_is_not_promoted(night_rt):
