@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,7 +172,8 @@ def train_base_model(
                 best = entry["select_macro_f1"]
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         log.info("epoch %s", entry)
-        print(f"epoch {entry}", flush=True)
+        # stderr, beside the progress bars: stdout is the command's JSON report (nightowl train-base).
+        tqdm.write(f"epoch {entry}", file=sys.stderr)
         report["epochs"].append(entry)
     if best_state is not None:
         model.load_state_dict(best_state)

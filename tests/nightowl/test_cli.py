@@ -96,3 +96,33 @@ def test_bench_forwards_to_the_checkouts_benchmark(tmp_path, monkeypatch):
     assert elsewhere.exit_code == 2 and "nightowl checkout" in elsewhere.output
     unknown = CliRunner().invoke(app, ["bench", "run", "nope"])
     assert unknown.exit_code == 2 and "unknown benchmark" in unknown.output
+
+
+def test_train_base_and_evaluate_on_any_label_set(tmp_path):
+    """`nightowl train-base` then `nightowl evaluate`, as a user with another dataset runs them:
+    a label set of their own (two labels here), images for some rows only."""
+    from tests.conftest import FIXTURES
+
+    lines = (FIXTURES / "twitter_small.tsv").read_text(encoding="utf-8").splitlines()
+    # The fixture's sentiment ids 0-2 as a two-label task: "mentioned" (1) or not (0).
+    rows = [lines[0]] + ["\t".join([c[0], "1" if c[1] == "2" else "0", *c[2:]]) for c in (ln.split("\t") for ln in lines[1:])]
+    data = tmp_path / "two_labels.tsv"
+    data.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    out = tmp_path / "base"
+    runner = CliRunner()
+
+    r = runner.invoke(app, ["train-base", "--train", str(data), "--select", str(data), "--out", str(out),
+                            "--labels", "other,mentioned", "--epochs", "1"])
+    assert r.exit_code == 0, r.output
+    trained = json.loads(r.stdout)  # stdout is the report alone (progress goes to stderr)
+    assert trained["out"] == str(out) and (out / "nightowl_config.json").exists()
+
+    r = runner.invoke(app, ["evaluate", "--model", str(out), "--data", str(data), "--images", str(FIXTURES / "images")])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["labels"] == ["other", "mentioned"] and report["n"] == len(rows) - 1
+    assert report["images_missing"] == 6  # the fixture folder holds 6 of the 12 rows' images
+    assert 0 <= report["accuracy"] <= 100 and len(report["confusion"]) == 2
+
+    r = runner.invoke(app, ["train-base", "--train", str(data), "--out", str(tmp_path / "x"), "--labels", "only"])
+    assert r.exit_code != 0 and "at least two" in r.output
