@@ -7,7 +7,8 @@ candidate is promoted if it is at least as good as both (a tie promotes) and, wh
 base disagree, it is right clearly more often than the base (`gate_evidence_z`, a sign test): a
 user is never moved below the base model they started from, nor below last night's adapter, on
 the evidence there is; and a user whose adapter the base now clearly beats (the same test, the
-other way round) is sent back to the base. The decision is written in one transaction under the user's lock, so a
+other way round) is sent back to the base. `judge` scores a candidate (continual.update judges the
+trained one, then, if need be, the label prior alone); `decide` writes the decision in one transaction under the user's lock, so a
 rollback that happened while the night trained is seen, and wins.
 """
 
@@ -39,34 +40,11 @@ class Verdict:
     metrics: dict[str, Any]  # gate_metric, gate_size, gate_candidate_*, gate_active_*
 
 
-def gate(
-    rt: Runtime,
-    job: UserJob,
-    config: UpdateConfig,
-    candidate: torch.nn.Module,
-    *,
-    version: int,
-    run_id: int,
-    start: AdapterVersion | None,
-    active_version: int | None,
-    new: list[Example],
-    holdout: list[Example],
-    replay: list[Example],
-    metrics: dict[str, Any],
-) -> RunStatus:
-    """Judge candidate `version` against `start` (the adapter it was trained from; None: the
-    base), then promote or reject it. `active_version`: the active adapter when the night began.
-    `metrics` (the candidate's) gains the gate's figures and is stored on the adapter and the run."""
-    start_dir = rt.settings.adapters_dir / start.path if start else None
-    verdict = judge(rt.personal, config, candidate, start_dir, start, new, holdout, replay)
-    metrics.update(verdict.metrics)
-    return decide(rt, job, version, run_id, verdict, active_version, metrics, n_new=len(new), n_replay=len(replay))
-
-
 def judge(
     kit: PersonalKit,
     config: UpdateConfig,
     candidate: torch.nn.Module,
+    *,
     start_dir: Path | None,
     start: AdapterVersion | None,
     new: list[Example],

@@ -15,12 +15,14 @@ kill at any point leaves the active adapter as it was:
    anchored at the starting model);
 5. measure forgetting: the same strategy evaluates every earlier experience (one per promoted
    night) and tonight's: accuracy, avalanche's Forgetting and BWT;
-6. write candidate: the offset is folded into the head's bias; the candidate's files are written
-   (PEFT layout) and registered as a candidate;
-7. gate (continual.gate): candidate vs the adapter it started from and vs the base, on the
-   held-back posts, by `gate_metric` (macro-F1); promoted only if not worse than either and
-   clearly right more often than the base where the two disagree (`gate_evidence_z`), else
-   rejected with the reason; a user whose adapter the base now clearly beats goes back to it.
+6. fold: the offset is folded into the head's bias (the candidate as it will be served);
+7. judge (continual.gate.judge): candidate vs the adapter it started from and vs the base, on the
+   held-back posts, by `gate_metric` (macro-F1); it passes only if not worse than either and
+   clearly right more often than the base where the two disagree (`gate_evidence_z`); if it
+   fails, the start adapter with tonight's label prior alone is judged the same way
+   (`fallback_to_prior`); a user whose adapter the base now clearly beats goes back to it;
+8. write candidate: the chosen candidate's files (PEFT layout), then its row;
+9. decide (continual.gate.decide): promote it, or reject it with the reason.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import time
 import warnings
 import zlib
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +47,7 @@ from sqlmodel import Session
 from nightowl.adapters import registry
 from nightowl.adapters.personal import PersonalKit
 from nightowl.continual.experiences import ExampleTable, FaissReplayPlugin, IndexedModel
-from nightowl.continual.gate import gate
+from nightowl.continual.gate import Verdict, decide, judge
 from nightowl.continual.jobs import UserJob, UserResult, require_current
 from nightowl.continual.regularizers import AnchoredEWC, anchored_lwf
 from nightowl.memory import night_queries
@@ -130,11 +133,11 @@ def update_user(rt: Runtime, job: UserJob, config: UpdateConfig | None = None) -
             "logit_adjustment": candidate.adjustment,
             "base_model": kit.encoder_id,  # the base it was trained over (registry.built_on)
         }
-        version = write_candidate(rt, kit, job, tonight, candidate, metrics, t0)
-        status = gate(
-            rt, job, config, candidate.peft_model, version=version, run_id=run_id, start=tonight.start,
-            active_version=tonight.active_version, new=tonight.new, holdout=split.holdout, replay=replay, metrics=metrics,
-        )
+        kit.shift_head_bias(candidate.peft_model, candidate.adjustment)  # as it will be served
+        chosen, verdict = judge_candidates(rt, config, job, tonight, split, replay, candidate, metrics)
+        version = write_candidate(rt, job, tonight, chosen, metrics, t0)
+        status = decide(rt, job, version, run_id, verdict, tonight.active_version, metrics,
+                        n_new=len(tonight.new), n_replay=len(replay))
     return UserResult(job.user_id, status, version, metrics, seconds=time.perf_counter() - t0)
 
 
@@ -238,9 +241,11 @@ def train_candidate(
     tonight: Tonight,
     split: Split,
     replay: list[Example],
+    train: bool = True,
 ) -> Candidate:
     """4. Avalanche trains the user's adapter on tonight's experience (new labels and answers let
-    stand), with replay mixed in."""
+    stand), with replay mixed in. `train=False`: the start adapter with tonight's prior alone
+    (the fallback candidate of stage 7)."""
     table = ExampleTable()
     train_new = split.train_new
     train_ds = table.dataset(train_new + split.train_standing, kit.labels)
@@ -276,7 +281,7 @@ def train_candidate(
         evaluator=evaluator,
     )
     bench = benchmark_from_datasets(train=[train_ds] if train_new else [], test=eval_sets)
-    if train_new:
+    if train_new and train:
         strategy.train(bench.train_stream[0])
     return Candidate(peft_model, strategy, bench.test_stream, adjustment)
 
@@ -308,13 +313,40 @@ def measure_forgetting(rt: Runtime, job: UserJob, tonight: Tonight, candidate: C
     }
 
 
-def write_candidate(
-    rt: Runtime, kit: PersonalKit, job: UserJob, tonight: Tonight, candidate: Candidate, metrics: dict, t0: float
-) -> int:
-    """6. The candidate as it will be served (the prior offset folded into the head), its files
-    first, then its row: a kill in between leaves files that no row names. Returns its version.
-    `metrics` gains train_seconds: the time from the job's start until the files are written."""
-    kit.shift_head_bias(candidate.peft_model, candidate.adjustment)
+def judge_candidates(
+    rt: Runtime, config: UpdateConfig, job: UserJob, tonight: Tonight, split: Split, replay: list[Example],
+    trained: Candidate, metrics: dict,
+) -> tuple[Candidate, Verdict]:
+    """7. The gate judges tonight's trained candidate (continual.gate.judge); if it turns it
+    down, and does not send the user back to the base, the same gate judges the adapter the night
+    started from with tonight's label prior alone (`fallback_to_prior`). The prior is the
+    low-variance part of a night (a number per label); tied to the trained candidate, it was lost
+    whenever the gate turned the training down. `metrics` gains the chosen candidate's gate
+    figures (and its own forgetting figures, when it is the fallback)."""
+    judged = partial(judge, rt.personal, config, start_dir=tonight.start_dir, start=tonight.start,
+                     new=tonight.new, holdout=split.holdout, replay=replay)
+    verdict = judged(trained.peft_model)
+    metrics["candidate_kind"] = "trained"
+    if verdict.promoted or verdict.back_to_base or not config.fallback_to_prior or not trained.adjustment:
+        metrics.update(verdict.metrics)
+        return trained, verdict
+    prior_only = train_candidate(rt.personal, config, tonight, split, [], train=False)
+    forgetting = measure_forgetting(rt, job, tonight, prior_only)
+    rt.personal.shift_head_bias(prior_only.peft_model, prior_only.adjustment)
+    fallback = judged(prior_only.peft_model)
+    if not fallback.promoted:
+        metrics.update(verdict.metrics)
+        return trained, verdict
+    metrics.update(forgetting, candidate_kind="prior_only", trained_candidate_rejected=verdict.reason)
+    metrics.update(fallback.metrics)
+    reason = f"the label prior alone (the trained candidate was turned down): {fallback.reason}"
+    return prior_only, Verdict(True, reason, False, fallback.metrics)
+
+
+def write_candidate(rt: Runtime, job: UserJob, tonight: Tonight, candidate: Candidate, metrics: dict, t0: float) -> int:
+    """8. The chosen candidate's files first (PEFT layout, the prior folded into its head), then
+    its row: a kill in between leaves files that no row names. Returns its version. `metrics`
+    gains train_seconds: the time from the job's start until the files are written."""
     with session_scope(rt.engine) as s:
         require_current(s, job)
         version = registry.next_version(s, job.user_id)
@@ -326,7 +358,7 @@ def write_candidate(
     return version
 
 
-# 7. the gate: continual.gate.gate
+# 9. promote or reject: continual.gate.decide
 
 
 # -- helpers -----------------------------------------------------------------------------------

@@ -545,3 +545,44 @@ def test_an_adapter_the_base_now_beats_sends_the_user_back_to_the_base(night_rt)
         v1 = registry.get(s, "turn", 1)
         assert v1.status == AdapterStatus.retired and v1.reason.startswith("back to the base model:")
     assert logger.log_post(rt, "turn", SARCASTIC_TRAIN[0]).prediction.adapter_version is None
+
+
+def test_the_label_prior_alone_is_judged_when_the_trained_candidate_fails(night_rt, monkeypatch):
+    """A trained candidate the gate turns down no longer takes tonight's prior with it: the start
+    adapter (here the base) with the prior alone is judged by the same gate, and promoted on
+    evidence; `fallback_to_prior=False` turns the fallback off."""
+    from nightowl.continual import update
+
+    real_train = update.train_candidate
+
+    def broken_training(kit, config, tonight, split, replay, train=True):
+        # A real candidate whose training went wrong: its head answers "positive" to everything.
+        cand = real_train(kit, config, tonight, split, replay, train=train)
+        if train:
+            head = next(m for n, m in cand.peft_model.named_modules() if n.endswith("head.modules_to_save.default"))
+            with torch.no_grad():
+                head.weight.zero_()
+                head.bias.copy_(torch.tensor([0.0, 0.0, 50.0]))
+        return cand
+
+    monkeypatch.setattr(update, "train_candidate", broken_training)
+    rt = night_rt
+    strong_prior = dict(epochs=1, prior_strength=0.1, min_examples_for_holdout=1, holdout_fraction=0.5)
+    for user, fallback in (("fb", True), ("nofb", False)):
+        rt.update_config = UpdateConfig(fallback_to_prior=fallback, **strong_prior)
+        logger.create_user(rt, user)
+        _teach(rt, user, SARCASTIC_TRAIN, "negative")
+        result = run_night(rt, only_users=[user]).results[0]
+        with Session(rt.engine) as s:
+            active = registry.active(s, user)
+        if fallback:
+            assert result.status == RunStatus.promoted and result.metrics["candidate_kind"] == "prior_only"
+            assert "not enough evidence" in result.metrics["trained_candidate_rejected"]
+            assert result.metrics["gate_evidence"]["passed"] and active.version == result.adapter_version
+            assert "the label prior alone" in active.reason
+            bias, adjustment = _head_bias(rt, user)  # served: the base's head plus the prior, nothing trained
+            base_bias = rt.predictor.pristine.head.bias.detach()
+            assert torch.allclose(bias, base_bias + torch.tensor(adjustment), atol=1e-4)
+        else:
+            assert result.status == RunStatus.rejected and active is None
+            assert result.metrics["candidate_kind"] == "trained"
