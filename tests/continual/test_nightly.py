@@ -359,7 +359,10 @@ def test_kill_9_during_nightly_changes_nothing(tmp_path, predictor):
         n_feedback = s.exec(select(func.count()).select_from(Feedback)).one()
         active_before = registry.active(s, "k").version
 
-    env = {**os.environ, "NIGHTOWL_HOME": str(home), "NIGHTOWL_RATIONALE_PROVIDER": "none", "NIGHTOWL_ADMIN_TOKEN": "x"}
+    # A night long enough that the kill lands in it: on an idle machine a default night over these
+    # few posts can finish within the second this test waits (it did once, CI of 805a9a5).
+    env = {**os.environ, "NIGHTOWL_HOME": str(home), "NIGHTOWL_RATIONALE_PROVIDER": "none", "NIGHTOWL_ADMIN_TOKEN": "x",
+           "NIGHTOWL_UPDATE__EPOCHS": "500"}
     proc = subprocess.Popen([sys.executable, "-m", "nightowl.cli", "nightly", "--now"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
