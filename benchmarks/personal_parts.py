@@ -126,7 +126,7 @@ def main(
     base_model: Annotated[Optional[Path], typer.Option(help="A trained base model; default: trained on day 0.")] = None,
 ) -> None:
     result = run(stream, out, base_model)
-    print(f"{result['n_users']} users, base macro-F1 on day-{read_stream(stream).days} feedback {result['base_macro_f1_mean']:.2f}")
+    print(f"{result['n_users']} users; {result['protocol']}; base macro-F1 {result['base_macro_f1_mean']:.2f}")
     for name, m in result["methods"].items():
         lo, hi = m["gain_ci95"]
         print(f"{name:16s} gain {m['gain_mean']:+.2f} [{lo:+.2f}, {hi:+.2f}]  better {m['share_better']:.0%}  worse {m['share_worse']:.0%}")

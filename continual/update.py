@@ -326,21 +326,18 @@ def judge_candidates(
     judged = partial(judge, rt.personal, config, start_dir=tonight.start_dir, start=tonight.start,
                      new=tonight.new, holdout=split.holdout, replay=replay)
     verdict = judged(trained.peft_model)
-    metrics["candidate_kind"] = "trained"
-    if verdict.promoted or verdict.back_to_base or not config.fallback_to_prior or not trained.adjustment:
-        metrics.update(verdict.metrics)
-        return trained, verdict
-    prior_only = train_candidate(rt.personal, config, tonight, split, [], train=False)
-    forgetting = measure_forgetting(rt, job, tonight, prior_only)
-    rt.personal.shift_head_bias(prior_only.peft_model, prior_only.adjustment)
-    fallback = judged(prior_only.peft_model)
-    if not fallback.promoted:
-        metrics.update(verdict.metrics)
-        return trained, verdict
-    metrics.update(forgetting, candidate_kind="prior_only", trained_candidate_rejected=verdict.reason)
-    metrics.update(fallback.metrics)
-    reason = f"the label prior alone (the trained candidate was turned down): {fallback.reason}"
-    return prior_only, Verdict(True, reason, False, fallback.metrics)
+    wants_fallback = not (verdict.promoted or verdict.back_to_base) and config.fallback_to_prior and trained.adjustment
+    if wants_fallback:
+        prior_only = train_candidate(rt.personal, config, tonight, split, [], train=False)
+        forgetting = measure_forgetting(rt, job, tonight, prior_only)
+        rt.personal.shift_head_bias(prior_only.peft_model, prior_only.adjustment)
+        fallback = judged(prior_only.peft_model)
+        if fallback.promoted:
+            metrics.update(forgetting, **fallback.metrics, candidate_kind="prior_only", trained_candidate_rejected=verdict.reason)
+            reason = f"the label prior alone (the trained candidate was turned down): {fallback.reason}"
+            return prior_only, Verdict(True, reason, False, fallback.metrics)
+    metrics.update(verdict.metrics, candidate_kind="trained")
+    return trained, verdict
 
 
 def write_candidate(rt: Runtime, job: UserJob, tonight: Tonight, candidate: Candidate, metrics: dict, t0: float) -> int:
