@@ -102,7 +102,7 @@ def systems_table() -> str:
     """The day side, the FAISS memory, the nightly cost and inference, from their results files."""
     lines = ["| benchmark | figure | on this machine |", "|---|---|---|"]
     ingest = json.loads((RESULTS / "ingest.json").read_text())
-    modes = {"group": "group commit", "per_request": "per-request commit"}
+    modes = {"group": "group commit (default)", "per_request": "per-request commit"}
     for i, r in enumerate(ingest["feedback_ingest"]):
         ratio = f", {r['x_per_request']:.1f}x per-request" if "x_per_request" in r else ""
         where = "" if r.get("store", "sqlite") == "sqlite" else f" on PostgreSQL, {r['workers']} worker{'s' if r['workers'] > 1 else ''}"

@@ -5,7 +5,8 @@ Two kinds of session:
   front (`BEGIN IMMEDIATE`), after this process's threads queue for it on an in-process lock.
 - `read_scope`: for reads. It takes neither lock: on SQLite a plain (deferred) `BEGIN`, which in
   WAL mode reads a snapshot and never waits for a writer, nor makes one wait; on PostgreSQL an
-  ordinary transaction. Nothing written in it is kept.
+  ordinary transaction. Nothing written in it is kept. (`read_connection`: a Core connection for
+  one hot single-statement read, without the session or the BEGIN.)
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from sqlalchemy import event
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlmodel import Session, create_engine
 
 from nightowl.errors import Unavailable
@@ -27,8 +28,14 @@ from nightowl.errors import Unavailable
 # process's queue in front of it) before the request fails with 503 instead of hanging.
 BUSY_TIMEOUT_S = 30
 
+# SQLite connections kept open for reuse: the server's thread pool (anyio's default: 40 threads)
+# plus its own threads (group committer, rationale worker, scheduler).
+SQLITE_POOL_SIZE = 48
+
 # The execution option that marks a read-only session's connection (see read_scope).
 _READ_ONLY = "nightowl_read_only"
+# ... and a connection whose statements each run in their own implicit transaction (read_connection).
+_NO_BEGIN = "nightowl_no_begin"
 
 
 def _wal(cur) -> None:
@@ -59,7 +66,15 @@ def make_engine(url: str) -> Engine:
 
     if parsed.database and parsed.database != ":memory:":
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": BUSY_TIMEOUT_S})
+    # A pool that covers every thread that may hold a connection at once (the server's thread pool,
+    # the committer, the workers): SQLAlchemy closes a connection returned beyond pool_size, and
+    # reopening one (its pragmas, the schema read again) cost more than the query it was for.
+    engine = create_engine(
+        url,
+        connect_args={"check_same_thread": False, "timeout": BUSY_TIMEOUT_S},
+        pool_size=SQLITE_POOL_SIZE,
+        max_overflow=SQLITE_POOL_SIZE // 2,
+    )
 
     @event.listens_for(engine, "connect")
     def _sqlite_pragmas(dbapi_conn, _record) -> None:  # pragma: no cover - trivial
@@ -81,7 +96,10 @@ def make_engine(url: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _begin_immediate(conn) -> None:  # pragma: no cover - trivial
-        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(_READ_ONLY) else "BEGIN IMMEDIATE")
+        options = conn.get_execution_options()
+        if options.get(_NO_BEGIN):  # read_connection: autocommit, one statement one snapshot
+            return
+        conn.exec_driver_sql("BEGIN" if options.get(_READ_ONLY) else "BEGIN IMMEDIATE")
 
     # SQLite admits one writer at a time; threads of this process queue on a lock instead of
     # polling SQLite's busy handler, whose growing sleeps turn contention into second-long tails.
@@ -111,6 +129,22 @@ def read_scope(engine: Engine) -> Iterator[Session]:
     """
     with Session(engine.execution_options(**{_READ_ONLY: True}), expire_on_commit=False) as session:
         yield session
+
+
+def reads_never_wait(engine: Engine) -> bool:
+    """True when a small read is safe to run on an event loop: SQLite in WAL mode reads a local
+    file and takes no lock a writer holds (a server's read may wait on the network or a lock)."""
+    return engine.dialect.name == "sqlite"
+
+
+@contextmanager
+def read_connection(engine: Engine) -> Iterator[Connection]:
+    """A Core connection for the hottest single-statement reads (a bearer token's user, once per
+    request), where an ORM session and its BEGIN cost several times the query itself. On SQLite it
+    opens no transaction: each statement reads its own snapshot, so use it for one statement at
+    a time. It never waits for a writer and writes nothing."""
+    with engine.execution_options(**{_READ_ONLY: True, _NO_BEGIN: True}).connect() as conn:
+        yield conn
 
 
 @contextmanager

@@ -8,6 +8,7 @@ from email.message import Message
 from typing import Annotated, Any
 
 from fastapi import Depends, Path, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPBearer
 
@@ -51,13 +52,16 @@ def authenticate(rt: Runtime, admin_token_hash: str, authorization: str | None) 
     return Principal(user_id=user_id)
 
 
-def get_caller(request: Request, rt: RuntimeDep, _: Annotated[Any, Depends(bearer)]) -> Principal:
+async def get_caller(request: Request, rt: RuntimeDep, _: Annotated[Any, Depends(bearer)]) -> Principal:
     """The caller BodySizeLimit authenticated before the body was read; else (an app without it)
-    authenticated here. Sync on purpose: the token lookup queries the store."""
+    authenticated here, in the thread pool: the token lookup queries the store. Async so that the
+    usual case, the caller already in the scope, costs no trip to the thread pool."""
     caller = request.scope.get(CALLER_SCOPE_KEY)
     if isinstance(caller, Principal):
         return caller
-    return authenticate(rt, request.app.state.admin_token_hash, request.headers.get("authorization"))
+    return await run_in_threadpool(
+        authenticate, rt, request.app.state.admin_token_hash, request.headers.get("authorization")
+    )
 
 
 CallerDep = Annotated[Principal, Depends(get_caller)]

@@ -4,12 +4,20 @@ A durable commit costs one fsync (SQLite WAL with synchronous=FULL, PostgreSQL's
 the disk allows a few hundred of them a second. A request that has validated everything it can
 on its own hands its write to the runtime's one committer thread and waits. The committer takes
 everything that is waiting (no artificial delay: what queued while the last commit was flushing
-is the next group), runs each request's write in its own SAVEPOINT inside ONE transaction, commits
-once, and only then answers every request in the group.
+is the next group), writes them all inside ONE transaction (see below), commits once, and only
+then answers every request in the group.
 
-- One bad request never fails its neighbours: its write raises inside its savepoint, which is
-  rolled back; the request gets that exception (the same one the per-request path raises), the
-  others go on.
+- Writes of one kind are applied together: a write whose class has `write_all(session, writes)`
+  (a `GroupedWrite`, e.g. feedback) is validated and stored with set-based statements for all of
+  its run of neighbours in the queue (one query per table, one multi-row INSERT), instead of a
+  savepoint and several ORM round trips each. Per-request CPU, not the flush, is what limits a
+  server on a small machine, and this is where most of it went.
+- One bad request never fails its neighbours: a grouped write answers each request on its own
+  (a NotFound or Conflict for one, stored rows for the rest); should the set-based statements
+  themselves fail (a unique key another process stored in between), their savepoint is rolled
+  back and each request of the run is written alone, in its own savepoint, as any other write.
+  A write that raises inside its savepoint rolls back only itself; the request gets that
+  exception (the same one the per-request path raises), the others go on.
 - Later writes in a group see earlier ones (same session): a retry of an idempotency key that
   arrives in the same group finds the row its twin just wrote.
 - A request is answered only after the commit holding its row returned. If the commit fails,
@@ -20,12 +28,13 @@ once, and only then answers every request in the group.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Callable, TypeVar
+from typing import Callable, Protocol, Sequence, TypeVar
 
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
@@ -46,6 +55,21 @@ WAIT_S = BUSY_TIMEOUT_S * 2
 
 _STOP = object()
 _create_lock = threading.Lock()
+
+# What a write answers its request: (True, result) or (False, the exception to raise).
+Outcome = tuple[bool, object]
+
+
+class GroupedWrite(Protocol):
+    """A write that can also be applied with others of its kind. Called alone (`write(session)`)
+    it is the fallback; `write_all` must give every write the outcome it would have had alone, in
+    order (a later write sees what an earlier one stored), and raise only if the database refused
+    the statements themselves."""
+
+    def __call__(self, s: Session) -> object: ...
+
+    @classmethod
+    def write_all(cls, s: Session, writes: Sequence["GroupedWrite"]) -> list[Outcome]: ...
 
 
 class GroupCommitter:
@@ -76,6 +100,21 @@ class GroupCommitter:
             if fut.cancel():  # never started: nothing of it was written
                 raise Unavailable(f"the database is busy: not written within {WAIT_S} s; retry later") from None
             return fut.result()  # being written: the commit decides, and answers soon
+
+    async def submit_async(
+        self, write: Callable[[Session], T], recover: Callable[[Session, Exception], T] | None = None
+    ) -> T:
+        """`submit` for the event loop: the request waits for its group without holding a thread.
+        A request whose client goes away meanwhile is still written (shielded): nothing of it is
+        half-way, and a retry with its idempotency key finds it."""
+        fut = self._enqueue(write, recover)
+        waiting = asyncio.wrap_future(fut)
+        try:
+            return await asyncio.wait_for(asyncio.shield(waiting), WAIT_S)
+        except asyncio.TimeoutError:
+            if fut.cancel():  # never started: nothing of it was written
+                raise Unavailable(f"the database is busy: not written within {WAIT_S} s; retry later") from None
+            return await waiting  # being written: the commit decides, and answers soon
 
     def _enqueue(self, write: Callable, recover: Callable | None) -> Future:
         fut: Future = Future()
@@ -131,20 +170,14 @@ class GroupCommitter:
     def _commit(self, batch: list) -> None:
         results: list[tuple[Future, bool, object]] = []
         with session_scope(self.engine) as s:
-            for write, recover, fut in batch:
-                try:
-                    with s.begin_nested():  # a SAVEPOINT: a failing write undoes only itself
-                        results.append((fut, True, write(s)))
-                except Exception as exc:  # noqa: BLE001 - handed to its own request
-                    if not s.in_transaction():  # the transaction itself is gone: stop here
-                        raise
-                    if recover is None:
-                        results.append((fut, False, exc))
+            for run in _runs_of_one_kind(batch):
+                kind = type(run[0][0])
+                if hasattr(kind, "write_all"):
+                    outcomes = _write_together(s, kind, run)
+                    if outcomes is not None:
+                        results.extend((fut, ok, value) for (*_, fut), (ok, value) in zip(run, outcomes))
                         continue
-                    try:
-                        results.append((fut, True, recover(s, exc)))
-                    except Exception as exc2:  # noqa: BLE001
-                        results.append((fut, False, exc2))
+                results.extend((item[-1], *_write_alone(s, *item[:2])) for item in run)
         # Committed (session_scope returned): now, and only now, answer.
         self.groups += 1
         self.writes += len(batch)
@@ -153,6 +186,46 @@ class GroupCommitter:
                 fut.set_result(value)
             else:
                 fut.set_exception(value)
+
+
+def _runs_of_one_kind(batch: list) -> list[list]:
+    """The batch cut into runs of neighbouring writes of the same class: arrival order is kept
+    between runs, and a grouped write's run is as long as the queue allows."""
+    runs: list[list] = []
+    for item in batch:
+        if runs and type(runs[-1][0][0]) is type(item[0]):
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    return runs
+
+
+def _write_together(s: Session, kind, run: list) -> list[Outcome] | None:
+    """The run's writes in one savepoint with set-based statements; None if the database refused
+    them (their savepoint is rolled back: each is then written alone)."""
+    try:
+        with s.begin_nested():
+            return kind.write_all(s, [write for write, *_ in run])
+    except Exception:  # noqa: BLE001 - each write alone then meets the error that is its own
+        if not s.in_transaction():  # the transaction itself is gone: stop here
+            raise
+        log.debug("grouped %s writes refused; writing them one by one", kind.__name__, exc_info=True)
+        return None
+
+
+def _write_alone(s: Session, write: Callable, recover: Callable | None) -> Outcome:
+    try:
+        with s.begin_nested():  # a SAVEPOINT: a failing write undoes only itself
+            return True, write(s)
+    except Exception as exc:  # noqa: BLE001 - handed to its own request
+        if not s.in_transaction():  # the transaction itself is gone: stop here
+            raise
+        if recover is None:
+            return False, exc
+        try:
+            return True, recover(s, exc)
+        except Exception as exc2:  # noqa: BLE001
+            return False, exc2
 
 
 def committer_for(rt: Runtime) -> GroupCommitter:

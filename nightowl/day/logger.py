@@ -14,26 +14,32 @@ import os
 import shutil
 import time
 import uuid
-from datetime import timezone
+import dataclasses
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Sequence
 
-from sqlalchemy import func
+import anyio.to_thread
+from sqlalchemy import bindparam, func, insert, tuple_
 from sqlalchemy import text as sql_text
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlmodel import Session, col, delete, select
 
 from nightowl.adapters import registry
 from nightowl.auth import hash_token, new_token, validate_user_id
 from nightowl.day import broker
-from nightowl.day.group_commit import committer_for
+from nightowl.day.group_commit import Outcome, committer_for
 from nightowl.errors import (
     Conflict,
     InvalidInput,
+    NightowlError,
     NotFound,
     PayloadTooLarge,
     as_domain_error,
 )
-from nightowl.memory.db import read_scope, session_scope
+from nightowl.memory.db import read_connection, read_scope, session_scope
 from nightowl.memory.images import ImageRejected
 from nightowl.memory.models import (
     AdapterVersion,
@@ -163,10 +169,14 @@ def create_user(rt: Runtime, user_id: str, name: str | None = None) -> UserCreat
     return UserCreated(user_id=user_id, name=name, token=token)
 
 
+_USER_BY_TOKEN_HASH = select(User.id).where(User.token_hash == bindparam("token_hash"))
+
+
 def user_for_token(rt: Runtime, token: str) -> str | None:
-    with read_scope(rt.engine) as s:  # never waits for a writer: a bad token's 401 is immediate
-        user = s.exec(select(User).where(User.token_hash == hash_token(token))).first()
-        return user.id if user else None
+    # A prebuilt Core statement on a read connection: this runs on every request. It never waits
+    # for a writer: a bad token's 401 is immediate.
+    with read_connection(rt.engine) as conn:
+        return conn.execute(_USER_BY_TOKEN_HASH, {"token_hash": hash_token(token)}).scalar()
 
 
 def require_user(s: Session, user_id: str) -> User:
@@ -431,6 +441,28 @@ def log_feedback(
     idempotency_key: str | None = None,
 ) -> FeedbackOut:
     """Store a user's label for one of their posts; a retry with the same key is stored once."""
+    write = checked_feedback(rt, user_id, post_id, label, reason, idempotency_key)
+    if rt.settings.ingest_group_commit:
+        # One transaction and one flush for all concurrent requests; answered once it is on disk.
+        return committer_for(rt).submit(write, write.stored_meanwhile)
+    return _write_feedback_alone(rt, write)
+
+
+async def store_feedback_async(rt: Runtime, write: FeedbackWrite) -> FeedbackOut:
+    """`log_feedback`'s store for the event loop (the HTTP API), after `checked_feedback`: a
+    group-committed request waits for its group without a thread; one committed alone runs in
+    the thread pool."""
+    if rt.settings.ingest_group_commit:
+        return await committer_for(rt).submit_async(write, write.stored_meanwhile)
+    return await anyio.to_thread.run_sync(_write_feedback_alone, rt, write)
+
+
+def checked_feedback(
+    rt: Runtime, user_id: str, post_id: int, label: str, reason: str | None, idempotency_key: str | None
+) -> FeedbackWrite:
+    """A feedback request with everything checked that needs no database, before anything is
+    queued or written (InvalidInput otherwise); a request without a key gets a fresh one."""
+    validate_user_id(user_id)
     if label not in rt.labels:
         raise InvalidInput(f"label {label!r} is not one of {rt.labels}")
     limit = rt.settings.limits.max_reason_chars
@@ -438,41 +470,136 @@ def log_feedback(
         raise InvalidInput(f"reason is {len(reason)} characters; the limit is {limit}")
     _check_unicode("reason", reason)
     key = _check_key(rt, idempotency_key, "feedback") or uuid.uuid4().hex
+    return FeedbackWrite(user_id, post_id, label, reason, key)
 
-    def write(s: Session) -> FeedbackOut:
-        require_user(s, user_id)
-        existing = _feedback_by_key(s, user_id, key)
+
+def _write_feedback_alone(rt: Runtime, write: FeedbackWrite) -> FeedbackOut:
+    try:
+        with session_scope(rt.engine) as s:
+            return write(s)
+    except IntegrityError as exc:
+        with session_scope(rt.engine) as s:
+            return write.stored_meanwhile(s, exc)
+
+
+# A group's statements, built once (building and hashing a statement per group cost more than running it).
+_USERS_IN = select(User.id).where(col(User.id).in_(bindparam("ids", expanding=True)))
+_POST_OWNERS_IN = select(Post.id, Post.user_id).where(col(Post.id).in_(bindparam("ids", expanding=True)))
+_FEEDBACK_KEYED_IN = select(*Feedback.__table__.c).where(
+    tuple_(Feedback.user_id, Feedback.idempotency_key).in_(bindparam("keys", expanding=True))
+)
+# RETURNING the unique key with the id: rows are matched by key, so the database may return them in
+# any order (asking for parameter order makes SQLAlchemy send SQLite one INSERT per row).
+_INSERT_FEEDBACK = insert(Feedback.__table__).returning(
+    Feedback.__table__.c.id, Feedback.__table__.c.user_id, Feedback.__table__.c.idempotency_key
+)
+
+
+@dataclass(frozen=True)
+class FeedbackWrite:
+    """One validated feedback request, written alone (`write(s)`) or with its neighbours in a
+    group commit (`write_all`): the same checks in the same order, the same answers."""
+
+    user_id: str
+    post_id: int
+    label: str
+    reason: str | None
+    key: str
+
+    def __call__(self, s: Session) -> FeedbackOut:
+        require_user(s, self.user_id)
+        existing = _feedback_by_key(s, self.user_id, self.key)
         if existing is not None:
-            return _same_feedback_or_conflict(existing, post_id, label, reason)
-        post = s.get(Post, post_id)
-        if post is None or post.user_id != user_id:
-            raise NotFound(f"post {post_id} not found for user {user_id!r}")
-        fb = Feedback(user_id=user_id, post_id=post_id, label=label, reason=reason, idempotency_key=key)
+            return _same_feedback_or_conflict(existing, self.post_id, self.label, self.reason)
+        post = s.get(Post, self.post_id)
+        if post is None or post.user_id != self.user_id:
+            raise NotFound(f"post {self.post_id} not found for user {self.user_id!r}")
+        fb = Feedback(
+            user_id=self.user_id, post_id=self.post_id, label=self.label, reason=self.reason, idempotency_key=self.key
+        )
         s.add(fb)
         s.flush()
         return _feedback_out(fb)
 
-    if rt.settings.ingest_group_commit:
-        # One transaction and one flush for all concurrent requests; answered once it is on disk.
-        def stored_meanwhile(s: Session, exc: Exception) -> FeedbackOut:
-            if not isinstance(exc, IntegrityError):
-                raise exc
-            existing = _feedback_by_key(s, user_id, key)  # the key, stored by another process: as below
-            if existing is None:
-                raise exc
-            return _same_feedback_or_conflict(existing, post_id, label, reason)
+    def stored_meanwhile(self, s: Session, exc: Exception) -> FeedbackOut:
+        """After a unique-key violation: the row another process stored with our key (a retry's
+        twin), or a Conflict if it says something else; anything else re-raises."""
+        existing = _feedback_by_key(s, self.user_id, self.key) if isinstance(exc, IntegrityError) else None
+        if existing is None:
+            raise exc
+        return _same_feedback_or_conflict(existing, self.post_id, self.label, self.reason)
 
-        return committer_for(rt).submit(write, stored_meanwhile)
+    @classmethod
+    def write_all(cls, s: Session, writes: Sequence[FeedbackWrite]) -> list[Outcome]:
+        """All the writes with one query per table and one multi-row INSERT, each answered as if
+        it had been written alone, in order: a key stored earlier in the group is a duplicate.
+        Core statements on the session's connection: the ORM's own work per statement and per
+        row was most of a group's cost."""
+        conn = s.connection()
+        users = set(conn.execute(_USERS_IN, {"ids": list({w.user_id for w in writes})}).scalars())
+        owners = dict(conn.execute(_POST_OWNERS_IN, {"ids": list({w.post_id for w in writes})}).all())
+        # Rows stored before (Core rows) or earlier in this group (FeedbackRow): both read as a Feedback.
+        stored: dict[tuple[str, str], object] = {
+            (f.user_id, f.idempotency_key): f
+            for f in conn.execute(_FEEDBACK_KEYED_IN, {"keys": list({(w.user_id, w.key) for w in writes})})
+        }
+        outcomes: list[Outcome] = []
+        new_rows: list[FeedbackRow] = []
+        for w in writes:
+            try:
+                twin = w._check(users, owners, stored)
+            except NightowlError as exc:
+                outcomes.append((False, exc))
+                continue
+            if twin is not None:
+                outcomes.append((True, (twin, True)))
+                continue
+            fb = FeedbackRow(w.user_id, w.post_id, w.label, w.reason, w.key, utcnow())
+            stored[(w.user_id, w.key)] = fb  # a retry later in the group is its duplicate
+            new_rows.append(fb)
+            outcomes.append((True, (fb, False)))
+        _insert_feedback_rows(conn, new_rows)  # sets the new rows' ids, which the answers carry
+        return [(True, _feedback_out(*v)) if ok else (False, v) for ok, v in outcomes]
 
-    try:
-        with session_scope(rt.engine) as s:
-            return write(s)
-    except IntegrityError:
-        with session_scope(rt.engine) as s:
-            existing = _feedback_by_key(s, user_id, key)
-            if existing is None:
-                raise
-            return _same_feedback_or_conflict(existing, post_id, label, reason)
+    def _check(self, users: set[str], owners: dict[int, str], stored: dict):
+        """What `__call__` checks, on rows read in advance: the stored twin of a retry, None for
+        a new row, or the error this write gets."""
+        if self.user_id not in users:
+            raise NotFound(f"unknown user {self.user_id!r}")
+        existing = stored.get((self.user_id, self.key))
+        if existing is not None:
+            _same_feedback_or_conflict(existing, self.post_id, self.label, self.reason)
+            return existing
+        if owners.get(self.post_id) != self.user_id:
+            raise NotFound(f"post {self.post_id} not found for user {self.user_id!r}")
+        return None
+
+
+@dataclass
+class FeedbackRow:
+    """A feedback row a group is about to insert, with the fields a Feedback has (the ORM object
+    costs more to build than the row costs to insert)."""
+
+    user_id: str
+    post_id: int
+    label: str
+    reason: str | None
+    idempotency_key: str
+    created_at: datetime
+    id: int | None = None
+
+
+def _insert_feedback_rows(conn: Connection, rows: list[FeedbackRow]) -> None:
+    """One INSERT for all the rows (SQLAlchemy's insertmanyvalues: a multi-row VALUES ... RETURNING
+    on SQLite and PostgreSQL); each row's id is set from what comes back for its key."""
+    if not rows:
+        return
+    values = [dataclasses.asdict(fb) for fb in rows]
+    for v in values:
+        del v["id"]
+    ids = {(user_id, key): id_ for id_, user_id, key in conn.execute(_INSERT_FEEDBACK, values)}
+    for fb in rows:
+        fb.id = ids[(fb.user_id, fb.idempotency_key)]
 
 
 def _feedback_by_key(s: Session, user_id: str, key: str) -> Feedback | None:

@@ -7,7 +7,7 @@ import threading
 import time
 
 import pytest
-from sqlalchemy import event
+from sqlalchemy import create_engine, event
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, func, select
 
@@ -165,6 +165,76 @@ def test_one_bad_request_fails_alone_and_same_key_twins_store_once(rt):
     stored = {f.idempotency_key: f for f in _stored(rt, "alice")}
     assert sorted(stored) == ["ok1", "ok2", "twin", "used"]
     assert (stored["used"].label, stored["used"].reason) == ("positive", "first")
+
+
+def _held_group(rt, writes: list) -> tuple[list[str], dict]:
+    """`writes` (name, fn, args) queued behind a held group and committed as the next one: the
+    SQL statements that group ran, and each write's result."""
+    gate = Gate(rt)
+    results: dict = {}
+    threads = _enqueue_in_order(gate, results, writes)
+    statements: list[str] = []
+
+    def record(conn, cursor, statement, *rest):
+        statements.append(statement)
+
+    event.listen(rt.engine, "before_cursor_execute", record)
+    try:
+        gate.release()
+        for t in threads:
+            t.join(30)
+    finally:
+        event.remove(rt.engine, "before_cursor_execute", record)
+    return statements, results
+
+
+def test_a_group_of_feedback_runs_as_few_statements_as_one(rt):
+    """Grouped writes are set-based: the statements a group runs do not grow with its size (one
+    query per table, one multi-row INSERT), and each request still gets its own row and answer."""
+    post_id = _user_with_post(rt, "alice")
+    one, _ = _held_group(rt, [("a", logger.log_feedback, (rt, "alice", post_id, "positive", None, "a"))])
+    forty, results = _held_group(
+        rt, [(i, logger.log_feedback, (rt, "alice", post_id, "positive", None, f"b{i}")) for i in range(40)]
+    )
+    assert len(forty) <= len(one) + 1, f"a group of 40 ran {len(forty)} statements, a group of 1 ran {len(one)}"
+    assert len({r.feedback_id for r in results.values()}) == 40 and not any(r.duplicate for r in results.values())
+    assert sorted(f.idempotency_key for f in _stored(rt, "alice")) == sorted(["a"] + [f"b{i}" for i in range(40)])
+
+
+def test_a_key_stored_by_another_process_mid_group_falls_back_to_one_by_one(rt):
+    """Another server (PostgreSQL, several workers) stores a key between the group's reads and its
+    INSERT: the multi-row INSERT fails on the unique key, its savepoint is rolled back, and each
+    write of the group is written alone: the raced key is answered as the duplicate it is, the
+    rest are stored, nothing twice."""
+    if rt.engine.dialect.name == "sqlite":
+        pytest.skip("on SQLite the committer holds the database's one write lock: no one can store in between")
+    post_id = _user_with_post(rt, "alice")
+    other = create_engine(rt.settings.database_url)
+    raced: list[int] = []
+
+    def another_process_stores_the_key(conn, cursor, statement, *rest):
+        if statement.lstrip().upper().startswith("INSERT INTO FEEDBACK") and not raced:
+            with Session(other) as s2:
+                fb = Feedback(user_id="alice", post_id=post_id, label="negative", idempotency_key="raced")
+                s2.add(fb)
+                s2.commit()
+                raced.append(fb.id)
+
+    event.listen(rt.engine, "before_cursor_execute", another_process_stores_the_key)
+    try:
+        _, results = _held_group(rt, [
+            ("before", logger.log_feedback, (rt, "alice", post_id, "positive", None, "before")),
+            ("raced", logger.log_feedback, (rt, "alice", post_id, "negative", None, "raced")),
+            ("after", logger.log_feedback, (rt, "alice", post_id, "neutral", None, "after")),
+        ])
+    finally:
+        event.remove(rt.engine, "before_cursor_execute", another_process_stores_the_key)
+        other.dispose()
+    assert raced, "the race was never set up"
+    assert results["raced"].duplicate is True and results["raced"].feedback_id == raced[0]
+    assert results["before"].duplicate is False and results["after"].duplicate is False
+    stored = _stored(rt, "alice")
+    assert sorted(f.idempotency_key for f in stored) == ["after", "before", "raced"]
 
 
 def test_close_commits_what_is_queued_and_refuses_what_comes_after(rt):
