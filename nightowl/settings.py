@@ -202,8 +202,9 @@ class Settings(BaseSettings):
     adapter_cache_size: int = Field(default=64, ge=1, description="User adapters kept loaded (LRU).")
     replay_capacity: int = Field(default=2000, ge=1, description="Examples per user in the FAISS replay memory.")
     # On by default, following `python -m benchmarks.ingest` (both modes in one run, results in
-    # benchmarks/results/ingest.json): with grouped writes set-based (one query per table, one
-    # multi-row INSERT a group) it is ahead at 1 client and about 2.5x per-request commit at 32.
+    # benchmarks/results/ingest.json): with a group's writes set-based (one query per table, one
+    # multi-row INSERT) it was 1.6x per-request commit at 1 client and 4.6x at 32 on SQLite, and
+    # 2.0-3.0x from 8 clients on PostgreSQL (0.9-1.0x there at 1 client).
     ingest_group_commit: bool = Field(
         default=True,
         description="Feedback from concurrent requests is committed in groups: one transaction and one "
