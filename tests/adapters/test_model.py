@@ -13,7 +13,6 @@ from nightowl.adapters.checkpoint import (
     SHIPPED_BASE,
     build_model,
     load_base_model,
-    save_base,
     user_lora_config,
     with_encoder_lora,
 )

@@ -20,7 +20,7 @@ from sqlmodel import Session, func, select
 from nightowl.adapters import registry
 from nightowl.continual.night import run_night
 from nightowl.day import logger
-from nightowl.errors import InvalidInput, NotFound
+from nightowl.errors import NotFound
 from nightowl.memory.models import (
     AdapterStatus,
     AdapterVersion,
