@@ -59,9 +59,9 @@ def summarize(ms: list[float]) -> dict:
 
 def feedback_throughput(url: str, users: dict, total: int, clients: int, run: str) -> dict:
     """`clients` concurrent keep-alive connections, each sending its share of new feedback one
-    request after another. The load generator is asyncio over raw HTTP/1.1 (tens of microseconds
-    a request): with httpx in threads the client took a millisecond of CPU a request, half of
-    this 2-core machine at the rates measured here, and the figure was the client's."""
+    request after another. The load generator is asyncio over raw HTTP/1.1: httpx in threads
+    spent as much CPU a request as the server did (py-spy, /proc counters), on the same two
+    cores, and the figure was partly the client's."""
     per_client = total // clients
     host, port = url.removeprefix("http://").split(":")
     user_list = list(users.items())

@@ -94,6 +94,63 @@ def personalize_table(path: Path = RESULTS / "personalization-multipico_en.json"
     return "\n".join(lines)
 
 
+# The fallback_to_prior runs (one results file a seed) against the runs before it (ba6ac26), per protocol.
+FALLBACK_RUNS = {
+    "labelled": (["personalization-multipico_en-labelled.json"],
+                 ["personalization-multipico_en-fallback-seed0.json", "personalization-multipico_en-fallback-seed1-labelled.json"]),
+    "realistic_p0.3": (["personalization-multipico_en.json"],
+                       ["personalization-multipico_en-fallback-seed0.json", "personalization-multipico_en-fallback-seed1-realistic.json"]),
+}
+
+
+def _row(path: Path, protocol: str, row: str = "nightowl") -> dict:
+    rows = json.loads(path.read_text())["protocols"][protocol]["rows"]
+    return next(r for r in rows if r["name"] == row)
+
+
+def _per_user_mean(rows: list[dict]) -> dict[str, float]:
+    """Each user's gain, averaged over the runs (each run's per_user_gain is already a mean over its seeds)."""
+    users = rows[0]["per_user_gain"]
+    return {u: sum(r["per_user_gain"][u] for r in rows) / len(rows) for u in users}
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def _better_worse(gains: dict[str, float]) -> str:
+    return f"{sum(v > 0 for v in gains.values())} / {sum(v < 0 for v in gains.values())}"
+
+
+def fallback_table() -> str:
+    """The nightowl row after fallback_to_prior against before it, same users, paired user by user."""
+    from benchmarks.personalize import bootstrap_ci  # numpy and torch: only for this table
+
+    lines = [
+        "| protocol | gain per seed, after | mean gain after (before) | paired change [95% CI] "
+        "| users better / worse after (before) | answers right by day, per seed, after (before) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for protocol, (before_files, after_files) in FALLBACK_RUNS.items():
+        before = [_row(RESULTS / f, protocol) for f in before_files]
+        after = [_row(RESULTS / f, protocol) for f in after_files]
+        b, a = _per_user_mean(before), _per_user_mean(after)
+        change = [a[u] - b[u] for u in b]
+        lo, hi = bootstrap_ci(change)
+        seeds_after = [s for r in after for s in r["per_seed"]]
+        seeds_before = [s for r in before for s in r["per_seed"]]
+        gains = ", ".join(f"{s['gain_mean']:+.2f}" for s in seeds_after)
+        served_after = " / ".join(_pct(s["served_accuracy"]) for s in seeds_after)
+        served_before = " / ".join(_pct(s["served_accuracy"]) for s in seeds_before)
+        lines.append(
+            f"| {protocol} | {gains} | {_mean(a.values()):+.2f} ({_mean(b.values()):+.2f}) | "
+            f"{_mean(change):+.2f} [{lo:+.2f}, {hi:+.2f}] | {_better_worse(a)} ({_better_worse(b)}) | "
+            f"{served_after} ({served_before}) |"
+        )
+    return "\n".join(lines)
+
+
 def _lat(d: dict) -> str:
     return f"p50 {d['p50_ms']:.1f} ms, p99 {d['p99_ms']:.1f} ms"
 
@@ -168,6 +225,7 @@ TABLES = {
     # file holds the realistic protocol
     "personalize_labelled": lambda: personalize_table(RESULTS / "personalization-multipico_en-labelled.json"),
     "systems": systems_table,
+    "fallback": fallback_table,
 }
 
 

@@ -204,7 +204,7 @@ class Settings(BaseSettings):
     # On by default, following `python -m benchmarks.ingest` (both modes in one run, results in
     # benchmarks/results/ingest.json): with a group's writes set-based (one query per table, one
     # multi-row INSERT) it was 1.6x per-request commit at 1 client and 4.6x at 32 on SQLite, and
-    # 2.0-3.0x from 8 clients on PostgreSQL (0.9-1.0x there at 1 client).
+    # 1.9-3.0x from 8 clients on PostgreSQL (0.9-1.0x there at 1 client).
     ingest_group_commit: bool = Field(
         default=True,
         description="Feedback from concurrent requests is committed in groups: one transaction and one "

@@ -200,7 +200,7 @@ def _runs_of_one_kind(batch: list) -> list[list]:
     return runs
 
 
-def _write_together(s: Session, kind, run: list) -> list[Outcome] | None:
+def _write_together(s: Session, kind: type[GroupedWrite], run: list) -> list[Outcome] | None:
     """The run's writes in one savepoint with set-based statements; None if the database refused
     them (their savepoint is rolled back: each is then written alone)."""
     try:
