@@ -8,7 +8,7 @@ base disagree, it is right clearly more often than the base (`gate_evidence_z`, 
 user is never moved below the base model they started from, nor below last night's adapter, on
 the evidence there is; and a user whose adapter the base now clearly beats (the same test, the
 other way round) is sent back to the base. `judge` scores a candidate (continual.update judges the
-trained one, then, if need be, the label prior alone); `decide` writes the decision in one transaction under the user's lock, so a
+trained one, then, if need be, the user's logit offsets alone); `decide` writes the decision in one transaction under the user's lock, so a
 rollback that happened while the night trained is seen, and wins.
 """
 

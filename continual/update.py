@@ -100,7 +100,8 @@ class Candidate:
     peft_model: torch.nn.Module  # the user's classifier (PEFT): what is written, gated and served
     strategy: Naive  # trained on tonight's experience; evaluates the test stream in stage 5
     test_stream: Any  # avalanche's: one experience per earlier night, then tonight's
-    adjustment: list[float] | None  # the user's prior, as a logit offset
+    adjustment: list[float] | None  # the user's logit offset as served (the prior, moved by the decision offset)
+    prior: list[float] | None = None  # the user's label prior, the fixed offset it trained with
 
 
 def update_user(rt: Runtime, job: UserJob, config: UpdateConfig | None = None) -> UserResult:
@@ -130,7 +131,8 @@ def update_user(rt: Runtime, job: UserJob, config: UpdateConfig | None = None) -
             "n_holdout": len(split.holdout),
             "replay": replay_info,
             **measure_forgetting(rt, job, tonight, candidate),
-            "logit_adjustment": candidate.adjustment,
+            "logit_adjustment": candidate.adjustment,  # folded into the head; the next night takes it out
+            "label_prior": candidate.prior,
             "base_model": kit.encoder_id,  # the base it was trained over (registry.built_on)
         }
         kit.shift_head_bias(candidate.peft_model, candidate.adjustment)  # as it will be served
@@ -258,14 +260,10 @@ def train_candidate(
     # training and folded back into the head once trained.
     start = tonight.start
     previous_adjustment = (start.metrics or {}).get("logit_adjustment") if start else None
-    adjustment = None
-    if config.prior_strength > 0:
-        held = split.held_post_ids
-        labels = [e.label for e in tonight.examples + tonight.standing if e.post_id not in held]
-        adjustment = kit.prior_adjustment(labels, config.prior_strength)
+    prior, served = user_offsets(kit, config, tonight, split)
     peft_model = kit.trainable(tonight.start_dir)
     kit.shift_head_bias(peft_model, previous_adjustment, sign=-1.0)
-    model = IndexedModel(peft_model, table, kit, adjustment)
+    model = IndexedModel(peft_model, table, kit, prior)
     plugins = _continual_plugins(kit, config, model, table, replay)
     evaluator = _metrics_without_loggers()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -283,7 +281,23 @@ def train_candidate(
     bench = benchmark_from_datasets(train=[train_ds] if train_new else [], test=eval_sets)
     if train_new and train:
         strategy.train(bench.train_stream[0])
-    return Candidate(peft_model, strategy, bench.test_stream, adjustment)
+    if served:  # forgetting is measured on the answers as they will be served
+        model.logit_offset.copy_(torch.tensor(served))
+    return Candidate(peft_model, strategy, bench.test_stream, served, prior)
+
+
+def user_offsets(kit: PersonalKit, config: UpdateConfig, tonight: Tonight, split: Split) -> tuple[list[float] | None, list[float] | None]:
+    """4a. The user's logit offsets, from their posts up to tonight's cutoff (the labels they
+    gave and the answers they let stand, held-back posts excepted: the gate judges on those):
+    the label prior (`prior_strength`), a fixed offset while training, so that training learns
+    only what the prior doesn't explain; and the offset served, folded into the head once
+    trained: the prior, moved by the decision offset for `gate_metric` (`decision_offset`)."""
+    held = split.held_post_ids
+    seen = [e for e in tonight.examples + tonight.standing if e.post_id not in held]
+    prior = kit.prior_adjustment([e.label for e in seen], config.prior_strength) if config.prior_strength > 0 else None
+    if not config.decision_offset:
+        return prior, prior
+    return prior, kit.decision_offset(seen, prior, config.gate_metric, config.decision_penalty)
 
 
 def measure_forgetting(rt: Runtime, job: UserJob, tonight: Tonight, candidate: Candidate) -> dict[str, Any]:
@@ -334,7 +348,7 @@ def judge_candidates(
         fallback = judged(prior_only.peft_model)
         if fallback.promoted:
             metrics.update(forgetting, **fallback.metrics, candidate_kind="prior_only", trained_candidate_rejected=verdict.reason)
-            reason = f"the label prior alone (the trained candidate was turned down): {fallback.reason}"
+            reason = f"the user's logit offsets alone (label prior and decision offset; the trained candidate was turned down): {fallback.reason}"
             return prior_only, Verdict(True, reason, False, fallback.metrics)
     metrics.update(verdict.metrics, candidate_kind="trained")
     return trained, verdict

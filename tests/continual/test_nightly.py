@@ -18,6 +18,7 @@ from peft import PeftModel
 from sqlmodel import Session, func, select
 
 from nightowl.adapters import registry
+from nightowl.adapters.inputs import ModelInput
 from nightowl.continual.night import run_night
 from nightowl.day import logger
 from nightowl.errors import NotFound
@@ -229,9 +230,11 @@ def _head_bias(rt, user):
 
 
 def test_prior_correction_is_folded_into_the_head_once(tmp_path, predictor):
-    """The user's label prior goes into their head's bias, replacing (not adding to) last night's."""
+    """The user's label prior goes into their head's bias, replacing (not adding to) last night's
+    (the decision offset off: the prior as it is served; test_decision_offset_... covers it on)."""
     rt = Runtime(make_settings(tmp_path / "home"), predictor=predictor)
-    rt.update_config = UpdateConfig(epochs=1, lr=0.0, n_global=0, min_examples_for_holdout=100)  # no learning: bookkeeping only
+    # no learning: bookkeeping only
+    rt.update_config = UpdateConfig(epochs=1, lr=0.0, n_global=0, min_examples_for_holdout=100, decision_offset=False)
     base_bias = predictor.pristine.head.bias.detach().clone()
     prior = predictor.config.training["label_prior"]
     logger.create_user(rt, "neg")
@@ -252,6 +255,31 @@ def test_prior_correction_is_folded_into_the_head_once(tmp_path, predictor):
     rt.close()
 
 
+def test_decision_offset_moves_the_served_offset_from_the_prior(tmp_path, predictor):
+    """The served offset is the prior moved to where the base's answers score best on the user's
+    labels by the gate's metric; it is what the head carries (and what the next night takes out)."""
+    rt = Runtime(make_settings(tmp_path / "home"), predictor=predictor)
+    rt.update_config = UpdateConfig(epochs=1, lr=0.0, n_global=0, min_examples_for_holdout=100, decision_penalty=0.0)
+    base_bias = predictor.pristine.head.bias.detach().clone()
+    logger.create_user(rt, "dec")
+    _teach(rt, "dec", SARCASTIC_TRAIN[:12], "negative")
+    result = run_night(rt).results[0]
+    assert result.status == RunStatus.promoted
+    bias, served = _head_bias(rt, "dec")
+    prior = result.metrics["label_prior"]
+    assert torch.allclose(bias, base_bias + torch.tensor(served), atol=1e-5)
+    # every label "negative": with no pull towards the prior, the offset moves until the base
+    # answers "negative" to all twelve (or stays, if the prior already makes it so)
+    with torch.inference_mode():
+        items = [ModelInput(t, None, None, None, None) for t in SARCASTIC_TRAIN[:12]]
+        logits = predictor.pristine(**predictor.batcher(items))
+    neg = rt.labels.index("negative")
+    right = {name: int((logits + torch.tensor(o)).argmax(-1).eq(neg).sum()) for name, o in (("prior", prior), ("served", served))}
+    assert right["served"] >= right["prior"], right
+    assert right["served"] == 12 or served != prior, right  # it moved, unless the prior already answers all twelve
+    rt.close()
+
+
 def test_prior_counts_the_answers_a_user_let_stand(tmp_path, predictor):
     """Feedback is mostly correction: posts the user never corrected count with the answer served."""
     rt = Runtime(make_settings(tmp_path / "home"), predictor=predictor)
@@ -259,8 +287,9 @@ def test_prior_counts_the_answers_a_user_let_stand(tmp_path, predictor):
     logger.create_user(rt, "mild")
     served = [logger.log_post(rt, "mild", t).prediction.label for t in SARCASTIC_TEST + ["The museum is open until six"]]
     _teach(rt, "mild", SARCASTIC_TRAIN[:4], "negative")
-    assert run_night(rt).counts() == {"promoted": 1}
-    _, adj = _head_bias(rt, "mild")
+    result = run_night(rt).results[0]
+    assert result.status == RunStatus.promoted
+    adj = result.metrics["label_prior"]
     prior = predictor.config.training["label_prior"]
     labels = served + ["negative"] * 4
     expected = [math.log((labels.count(lab) + 5 * p) / (len(labels) + 5) / p) for lab, p in zip(rt.labels, prior)]
@@ -582,7 +611,7 @@ def test_the_label_prior_alone_is_judged_when_the_trained_candidate_fails(night_
             assert result.status == RunStatus.promoted and result.metrics["candidate_kind"] == "prior_only"
             assert "not enough evidence" in result.metrics["trained_candidate_rejected"]
             assert result.metrics["gate_evidence"]["passed"] and active.version == result.adapter_version
-            assert "the label prior alone" in active.reason
+            assert "logit offsets alone" in active.reason
             bias, adjustment = _head_bias(rt, user)  # served: the base's head plus the prior, nothing trained
             base_bias = rt.predictor.pristine.head.bias.detach()
             assert torch.allclose(bias, base_bias + torch.tensor(adjustment), atol=1e-4)
