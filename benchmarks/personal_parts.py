@@ -7,9 +7,14 @@ on the user's feedback of days 1 .. D-1 and scored (macro-F1, percent) on their 
 the frozen base model (the one benchmarks.personalize trains on day 0, unless --base-model):
 - `prior k=K`: the user's label prior as a logit offset (PersonalKit.prior_adjustment, K pseudo-
   counts of the base prior): what every night folds into the user's head;
+- `decision pen=P`: the prior moved by the decision offset (PersonalKit.decision_offset's search,
+  by macro-F1 on the fit days' labels as the base scores them, P examples' worth of it per logit
+  moved away from the prior): what a night serves with `decision_penalty` = P;
 - `head lam=L`: a per-user linear head on the base's fused features, started at the base head plus
   the prior and fitted by L-BFGS with an L2 pull (L) of its weights towards the base's: the
   lowest-variance trained part a night could add.
+The same is repeated fitted on days 1 .. K for every K < D (a user's first nights; the heads only
+for K = D-1), still scored on day D (`by_fit_days`).
 The gains are paired per user (method minus base), with a 95% bootstrap interval over users and
 the shares of users better and worse. The test rows of the stream are never read.
 """
@@ -28,7 +33,7 @@ from tqdm import tqdm
 
 from benchmarks.personalize import BenchConfig, Inputs, bootstrap_ci, eligible_users, train_base
 from benchmarks.stream import read_stream
-from nightowl.adapters.personal import PersonalKit
+from nightowl.adapters.personal import PersonalKit, search_decision_offset
 from nightowl.adapters.predictor import Predictor
 from nightowl.adapters.train import scores
 from nightowl.io import atomic_write_text
@@ -36,6 +41,8 @@ from nightowl.settings import Settings
 
 PRIOR_STRENGTHS = (1.0, 5.0, 20.0, 100.0)
 HEAD_L2 = (1e-3, 1e-2, 1e-1)
+DECISION_PENALTIES = (0.0, 0.5, 1.0, 2.0, 4.0)
+PRIOR_STRENGTH = 5.0  # UpdateConfig's default: the prior every decision offset starts from
 
 
 @torch.inference_mode()
@@ -84,40 +91,57 @@ def run(stream_path: Path, out: Path, base_model: Path | None) -> dict:
     last = stream.days
     rows = [r for r in stream.rows if r.user_id in set(users) and r.split == "feedback" and r.day]
     logits, feats = base_outputs(predictor, rows)
-    head_w, head_b = predictor.model.head.weight.detach().float().cpu(), predictor.model.head.bias.detach().float().cpu()
-    k = len(stream.labels)
-    gains: dict[str, list[float]] = {f"prior k={s:g}": [] for s in PRIOR_STRENGTHS}
-    gains.update({f"head lam={lam:g}": [] for lam in HEAD_L2})
+    head = (predictor.model.head.weight.detach().float().cpu(), predictor.model.head.bias.detach().float().cpu())
+    by_days = {}
+    for fit_days in range(1, last):  # a user's first nights to all but the scored day
+        gains, base_scores = user_gains(kit, stream, rows, logits, feats, head, users, fit_days, heads=fit_days == last - 1)
+        by_days[str(fit_days)] = {"base_macro_f1_mean": round(float(np.mean(base_scores)), 3),
+                                  "methods": {name: summary(values) for name, values in gains.items()}}
+    result = {
+        "benchmark": "personal_parts", "stream": str(stream_path), "labels": stream.labels, "base_model_dir": str(base_dir),
+        "protocol": f"fit on each user's feedback of days 1-{last - 1}, scored on their day-{last} feedback (no test rows)",
+        "n_users": len(users), **by_days[str(last - 1)],
+        "by_fit_days": {k: {**v, "protocol": f"fit on days 1-{k}, scored on day {last}"} for k, v in by_days.items()},
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def user_gains(kit, stream, rows, logits, feats, head, users, fit_days: int, heads: bool) -> tuple[dict[str, list[float]], list[float]]:
+    """Each method's gain over the base (macro-F1 points) per user, fitted on days 1 .. fit_days
+    and scored on the last day; the per-user heads (slow) only when `heads`."""
+    last, k = stream.days, len(stream.labels)
+    gains: dict[str, list[float]] = {}
     base_scores = []
-    for user in tqdm(users, desc="users", unit="user"):
-        fit = [i for i, r in enumerate(rows) if r.user_id == user and r.day < last]
+    for user in tqdm(users, desc=f"users, fit on days 1-{fit_days}", unit="user"):
+        fit = [i for i, r in enumerate(rows) if r.user_id == user and r.day <= fit_days]
         held = [i for i, r in enumerate(rows) if r.user_id == user and r.day == last]
         y_fit = torch.tensor([stream.labels.index(rows[i].label) for i in fit])
         y_held = torch.tensor([stream.labels.index(rows[i].label) for i in held])
         base = macro_f1(y_held, logits[held], k)
         base_scores.append(base)
+
+        def add(name: str, scored: torch.Tensor) -> None:
+            gains.setdefault(name, []).append(macro_f1(y_held, scored, k) - base)
+
         fit_labels = [rows[i].label for i in fit]
         for s in PRIOR_STRENGTHS:
-            offset = torch.tensor(kit.prior_adjustment(fit_labels, s))
-            gains[f"prior k={s:g}"].append(macro_f1(y_held, logits[held] + offset, k) - base)
-        offset = torch.tensor(kit.prior_adjustment(fit_labels, 5.0))
-        for lam in HEAD_L2:
-            w, b = fit_head(feats[fit], y_fit, head_w, head_b + offset, lam)
-            gains[f"head lam={lam:g}"].append(macro_f1(y_held, feats[held] @ w.T + b, k) - base)
-    methods = {}
-    for name, values in gains.items():
-        v = np.array(values)
-        lo, hi = bootstrap_ci(v)
-        methods[name] = {"gain_mean": round(float(v.mean()), 3), "gain_ci95": [round(lo, 3), round(hi, 3)],
-                         "share_better": round(float(np.mean(v > 0)), 3), "share_worse": round(float(np.mean(v < 0)), 3)}
-    result = {
-        "benchmark": "personal_parts", "stream": str(stream_path), "labels": stream.labels, "base_model_dir": str(base_dir),
-        "protocol": f"fit on each user's feedback of days 1-{last - 1}, scored on their day-{last} feedback (no test rows)",
-        "n_users": len(users), "base_macro_f1_mean": round(float(np.mean(base_scores)), 3), "methods": methods,
-        "seconds": round(time.perf_counter() - t0, 1),
-    }
-    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
-    return result
+            add(f"prior k={s:g}", logits[held] + torch.tensor(kit.prior_adjustment(fit_labels, s)))
+        prior = kit.prior_adjustment(fit_labels, PRIOR_STRENGTH)
+        for pen in DECISION_PENALTIES:
+            add(f"decision pen={pen:g}", logits[held] + torch.tensor(search_decision_offset(logits[fit], y_fit.tolist(), prior, "macro_f1", pen)))
+        for lam in HEAD_L2 if heads else ():
+            w, b = fit_head(feats[fit], y_fit, head[0], head[1] + torch.tensor(prior), lam)
+            add(f"head lam={lam:g}", feats[held] @ w.T + b)
+    return gains, base_scores
+
+
+def summary(values: list[float]) -> dict:
+    v = np.array(values)
+    lo, hi = bootstrap_ci(v)
+    return {"gain_mean": round(float(v.mean()), 3), "gain_ci95": [round(lo, 3), round(hi, 3)],
+            "share_better": round(float(np.mean(v > 0)), 3), "share_worse": round(float(np.mean(v < 0)), 3)}
 
 
 def main(
@@ -127,9 +151,11 @@ def main(
 ) -> None:
     result = run(stream, out, base_model)
     print(f"{result['n_users']} users; {result['protocol']}; base macro-F1 {result['base_macro_f1_mean']:.2f}")
-    for name, m in result["methods"].items():
-        lo, hi = m["gain_ci95"]
-        print(f"{name:16s} gain {m['gain_mean']:+.2f} [{lo:+.2f}, {hi:+.2f}]  better {m['share_better']:.0%}  worse {m['share_worse']:.0%}")
+    for days, part in result["by_fit_days"].items():
+        print(f"{part['protocol']}: base macro-F1 {part['base_macro_f1_mean']:.2f}")
+        for name, m in part["methods"].items():
+            lo, hi = m["gain_ci95"]
+            print(f"  {name:18s} gain {m['gain_mean']:+.2f} [{lo:+.2f}, {hi:+.2f}]  better {m['share_better']:.0%}  worse {m['share_worse']:.0%}")
 
 
 if __name__ == "__main__":

@@ -83,14 +83,14 @@ ROWS: dict[str, Row] = {
     "nightowl_global_replay": Row("nightly", {"n_global": 16}, "defaults plus 16 global (base-data) examples in each night's replay"),
     "nightowl_no_standing": Row("nightly", {"standing_ratio": 0.0}, "defaults, answers let stand neither trained on nor gated on"),
     "nightowl_tie_gate": Row("nightly", {"gate_evidence_z": 0.0}, "defaults, the gate promotes on 'not worse' without evidence against the base"),
-    "nightowl_no_decision_offset": Row("nightly", {"decision_offset": False}, "defaults, the prior served as it is (no decision offset for the gate's metric)"),
+    "nightowl_decision_offset": Row("nightly", {"decision_offset": True}, "defaults plus the decision offset (the served offset moved from the prior to where the base scores best by the gate's metric)"),
     "nightowl_no_prior_fallback": Row("nightly", {"fallback_to_prior": False}, "defaults, a trained candidate the gate turns down takes the night's prior with it"),
     "joint_annotator_embedding": Row("joint", about="upper reference: one model for all users, a learned embedding per user"),
 }
 DEFAULT_ROWS = ["base", "nightowl", "lora_no_replay"]
 COLORS = {"base": "tab:gray", "lora_no_replay": "tab:blue", "lora_random_replay": "tab:orange", "nightowl": "tab:red",
           "nightowl_no_prior": "tab:green", "nightowl_global_replay": "tab:brown",
-          "nightowl_no_standing": "tab:olive", "nightowl_tie_gate": "tab:pink", "nightowl_no_prior_fallback": "tab:cyan", "nightowl_no_decision_offset": "gold",
+          "nightowl_no_standing": "tab:olive", "nightowl_tie_gate": "tab:pink", "nightowl_no_prior_fallback": "tab:cyan", "nightowl_decision_offset": "gold",
           "joint_annotator_embedding": "tab:purple"}  # one colour per row in every plot
 WORK = Path(__file__).resolve().parent / "work" / "personalize"
 

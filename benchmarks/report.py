@@ -60,6 +60,12 @@ def twitter2015_table(path: Path = RESULTS / "twitter2015.json") -> str:
     return "\n".join(lines)
 
 
+def _decision(defaults: dict) -> str:
+    if not defaults.get("decision_offset"):
+        return "no decision offset"
+    return f"decision offset, penalty {defaults['decision_penalty']:g}"
+
+
 def personalize_table(path: Path = RESULTS / "personalization-multipico_en.json") -> str:
     data = json.loads(path.read_text())
     defaults = data["update_config_default"]
@@ -69,7 +75,7 @@ def personalize_table(path: Path = RESULTS / "personalization-multipico_en.json"
         f"{data['test_rows_per_user_median']:g} posts). Commit {data.get('commit') or '?'}, the product's default update "
         f"({defaults['epochs']} epochs, replay {defaults['replay']}, {defaults['n_global']} global examples, "
         f"held back {defaults['holdout_fraction']:g}, answers let stand {defaults.get('standing_ratio', 0):g} per label, "
-        f"gate evidence z {defaults.get('gate_evidence_z', 0):g}); `{data['command']}`.",
+        f"gate evidence z {defaults.get('gate_evidence_z', 0):g}, {_decision(defaults)}); `{data['command']}`.",
     ]
     for key, proto in data["protocols"].items():
         p = proto["protocol"]
@@ -94,12 +100,22 @@ def personalize_table(path: Path = RESULTS / "personalization-multipico_en.json"
     return "\n".join(lines)
 
 
-# The fallback_to_prior runs (one results file a seed) against the runs before it (ba6ac26), per protocol.
-FALLBACK_RUNS = {
-    "labelled": (["personalization-multipico_en-labelled.json"],
-                 ["personalization-multipico_en-fallback-seed0.json", "personalization-multipico_en-fallback-seed1-labelled.json"]),
-    "realistic_p0.3": (["personalization-multipico_en.json"],
-                       ["personalization-multipico_en-fallback-seed0.json", "personalization-multipico_en-fallback-seed1-realistic.json"]),
+# Steps of the nightowl row, each against the runs before it (one results file a seed), per
+# protocol: (files before, files after), the same users, paired user by user.
+P = "personalization-multipico_en"
+STEPS = {
+    # fallback_to_prior (805a9a5, 9ed71ac) against ba6ac26
+    "fallback": {
+        "labelled": ([f"{P}-labelled.json"], [f"{P}-fallback-seed0.json", f"{P}-fallback-seed1-labelled.json"]),
+        "realistic_p0.3": ([f"{P}.json"], [f"{P}-fallback-seed0.json", f"{P}-fallback-seed1-realistic.json"]),
+    },
+    # the decision offset (25d607f) against fallback_to_prior, on the same seeds
+    "decision": {
+        "labelled": ([f"{P}-fallback-seed0.json", f"{P}-fallback-seed1-labelled.json"],
+                     [f"{P}-decision-seed0-labelled.json", f"{P}-decision-seed1.json"]),
+        "realistic_p0.3": ([f"{P}-fallback-seed0.json", f"{P}-fallback-seed1-realistic.json"],
+                           [f"{P}-decision-seed0-realistic.json", f"{P}-decision-seed1.json"]),
+    },
 }
 
 
@@ -123,8 +139,8 @@ def _better_worse(gains: dict[str, float]) -> str:
     return f"{sum(v > 0 for v in gains.values())} / {sum(v < 0 for v in gains.values())}"
 
 
-def fallback_table() -> str:
-    """The nightowl row after fallback_to_prior against before it, same users, paired user by user."""
+def step_table(step: str) -> str:
+    """The nightowl row after a step (STEPS) against before it, same users, paired user by user."""
     from benchmarks.personalize import bootstrap_ci  # numpy and torch: only for this table
 
     lines = [
@@ -132,7 +148,7 @@ def fallback_table() -> str:
         "| users better / worse after (before) | answers right by day, per seed, after (before) |",
         "|---|---|---|---|---|---|",
     ]
-    for protocol, (before_files, after_files) in FALLBACK_RUNS.items():
+    for protocol, (before_files, after_files) in STEPS[step].items():
         before = [_row(RESULTS / f, protocol) for f in before_files]
         after = [_row(RESULTS / f, protocol) for f in after_files]
         b, a = _per_user_mean(before), _per_user_mean(after)
@@ -225,7 +241,8 @@ TABLES = {
     # file holds the realistic protocol
     "personalize_labelled": lambda: personalize_table(RESULTS / "personalization-multipico_en-labelled.json"),
     "systems": systems_table,
-    "fallback": fallback_table,
+    "fallback": lambda: step_table("fallback"),
+    "decision": lambda: step_table("decision"),
 }
 
 

@@ -122,12 +122,13 @@ class UpdateConfig(BaseModel):
         "adapter the night started from with tonight's label prior alone is judged by the same gate.",
     )
     # The prior is the Bayes correction for accuracy; macro-F1 (the gate's and the benchmark's
-    # metric) pays for answering a user's rarer label more often. Chosen on feedback only
-    # (MultiPICo-EN, offsets fitted on days 1-4 on the base's logits, scored on day 5, 72 users):
-    # penalty 0.5 gained +1.7 / +3.1 / +3.9 macro-F1 after 1 / 2 / 4 days where the prior alone
-    # gained +1.1 / +2.0 / +2.4 (0 and 1 were within 0.4 of it; 4 fell back to the prior's).
+    # metric) pays for answering a user's rarer label more often. On feedback alone the decision
+    # offset beat the prior (benchmarks.personal_parts, 72 MultiPICo-EN users, penalty 0.5: +1.4 /
+    # +2.9 / +3.8 / +4.3 macro-F1 after 1-4 days against +1.1 / +2.0 / +2.3 / +2.4), but in the
+    # whole night (trained adapter, gate) it lost on the test sets and on the answers users were
+    # served, and cost more: off until a night shows it earns its place (README, table:decision).
     decision_offset: bool = Field(
-        default=True,
+        default=False,
         description="Move the user's served logit offset from the prior to where the base model's answers score "
         "best by gate_metric on the user's labels and answers let stand (held-back posts excepted).",
     )

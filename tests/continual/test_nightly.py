@@ -259,7 +259,7 @@ def test_decision_offset_moves_the_served_offset_from_the_prior(tmp_path, predic
     """The served offset is the prior moved to where the base's answers score best on the user's
     labels by the gate's metric; it is what the head carries (and what the next night takes out)."""
     rt = Runtime(make_settings(tmp_path / "home"), predictor=predictor)
-    rt.update_config = UpdateConfig(epochs=1, lr=0.0, n_global=0, min_examples_for_holdout=100, decision_penalty=0.0)
+    rt.update_config = UpdateConfig(epochs=1, lr=0.0, n_global=0, min_examples_for_holdout=100, decision_offset=True, decision_penalty=0.0)
     base_bias = predictor.pristine.head.bias.detach().clone()
     logger.create_user(rt, "dec")
     _teach(rt, "dec", SARCASTIC_TRAIN[:12], "negative")
