@@ -145,8 +145,9 @@ def step_table(step: str) -> str:
 
     lines = [
         "| protocol | gain per seed, after | mean gain after (before) | paired change [95% CI] "
-        "| users better / worse after (before) | answers right by day, per seed, after (before) |",
-        "|---|---|---|---|---|---|",
+        "| users better / worse after (before) | answers right by day, per seed, after (before) "
+        "| s per user-night, per seed, after (before) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for protocol, (before_files, after_files) in STEPS[step].items():
         before = [_row(RESULTS / f, protocol) for f in before_files]
@@ -159,10 +160,12 @@ def step_table(step: str) -> str:
         gains = ", ".join(f"{s['gain_mean']:+.2f}" for s in seeds_after)
         served_after = " / ".join(_pct(s["served_accuracy"]) for s in seeds_after)
         served_before = " / ".join(_pct(s["served_accuracy"]) for s in seeds_before)
+        cost_after = " / ".join(_fmt(s["seconds_per_user_night_median"], 1) for s in seeds_after)
+        cost_before = " / ".join(_fmt(s["seconds_per_user_night_median"], 1) for s in seeds_before)
         lines.append(
             f"| {protocol} | {gains} | {_mean(a.values()):+.2f} ({_mean(b.values()):+.2f}) | "
             f"{_mean(change):+.2f} [{lo:+.2f}, {hi:+.2f}] | {_better_worse(a)} ({_better_worse(b)}) | "
-            f"{served_after} ({served_before}) |"
+            f"{served_after} ({served_before}) | {cost_after} ({cost_before}) |"
         )
     return "\n".join(lines)
 

@@ -244,10 +244,12 @@ def train_candidate(
     split: Split,
     replay: list[Example],
     train: bool = True,
+    offsets: tuple[list[float] | None, list[float] | None] | None = None,
 ) -> Candidate:
     """4. Avalanche trains the user's adapter on tonight's experience (new labels and answers let
-    stand), with replay mixed in. `train=False`: the start adapter with tonight's prior alone
-    (the fallback candidate of stage 7)."""
+    stand), with replay mixed in. `train=False`: the start adapter with tonight's offsets alone
+    (the fallback candidate of stage 7). `offsets`: (prior, served) when already computed
+    tonight (user_offsets)."""
     table = ExampleTable()
     train_new = split.train_new
     train_ds = table.dataset(train_new + split.train_standing, kit.labels)
@@ -260,7 +262,7 @@ def train_candidate(
     # training and folded back into the head once trained.
     start = tonight.start
     previous_adjustment = (start.metrics or {}).get("logit_adjustment") if start else None
-    prior, served = user_offsets(kit, config, tonight, split)
+    prior, served = offsets or user_offsets(kit, config, tonight, split)
     peft_model = kit.trainable(tonight.start_dir)
     kit.shift_head_bias(peft_model, previous_adjustment, sign=-1.0)
     model = IndexedModel(peft_model, table, kit, prior)
@@ -342,13 +344,14 @@ def judge_candidates(
     verdict = judged(trained.peft_model)
     wants_fallback = not (verdict.promoted or verdict.back_to_base) and config.fallback_to_prior and trained.adjustment
     if wants_fallback:
-        prior_only = train_candidate(rt.personal, config, tonight, split, [], train=False)
+        prior_only = train_candidate(rt.personal, config, tonight, split, [], train=False,
+                                     offsets=(trained.prior, trained.adjustment))
         forgetting = measure_forgetting(rt, job, tonight, prior_only)
         rt.personal.shift_head_bias(prior_only.peft_model, prior_only.adjustment)
         fallback = judged(prior_only.peft_model)
         if fallback.promoted:
             metrics.update(forgetting, **fallback.metrics, candidate_kind="prior_only", trained_candidate_rejected=verdict.reason)
-            reason = f"the user's logit offsets alone (label prior and decision offset; the trained candidate was turned down): {fallback.reason}"
+            reason = f"the user's logit offsets alone (the trained candidate was turned down): {fallback.reason}"
             return prior_only, Verdict(True, reason, False, fallback.metrics)
     metrics.update(verdict.metrics, candidate_kind="trained")
     return trained, verdict

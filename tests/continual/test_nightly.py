@@ -587,9 +587,9 @@ def test_the_label_prior_alone_is_judged_when_the_trained_candidate_fails(night_
 
     real_train = update.train_candidate
 
-    def broken_training(kit, config, tonight, split, replay, train=True):
+    def broken_training(kit, config, tonight, split, replay, train=True, **kw):
         # A real candidate whose training went wrong: its head answers "positive" to everything.
-        cand = real_train(kit, config, tonight, split, replay, train=train)
+        cand = real_train(kit, config, tonight, split, replay, train=train, **kw)
         if train:
             head = next(m for n, m in cand.peft_model.named_modules() if n.endswith("head.modules_to_save.default"))
             with torch.no_grad():
