@@ -218,7 +218,7 @@ def systems_table() -> str:
         lines += [
             f"| `benchmarks.ingest_broker` | durable consume from NATS JetStream, {t['events']:,} feedback | "
             f"{t['events_per_s']:,} events/s, {t['duplicates']} stored twice |",
-            f"| | publish -> committed at {lat['rate_per_s']:.0f}/s offered | p50 {lat['p50_ms']:.1f} ms, "
+            f"| | publish -> acked (the ack follows the commit) at {lat['rate_per_s']:.0f}/s offered | p50 {lat['p50_ms']:.1f} ms, "
             f"p99 {lat['p99_ms']:.1f} ms |",
             f"| | kill -9 of the consumer under load, {k['trials']} trials | {k['lost']} lost, "
             f"{k['stored_twice']} stored twice |",

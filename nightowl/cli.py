@@ -184,7 +184,9 @@ def feedback(
 def consume(
     url: Annotated[Optional[str], typer.Option(help="NATS URL; default: settings' broker.url.")] = None,
     until_idle: Annotated[bool, typer.Option(help="Exit once no message is waiting (else run until Ctrl-C/SIGTERM).")] = False,
-    concurrency: Annotated[int, typer.Option(min=1, help="Messages stored at once.")] = 8,
+    concurrency: Annotated[
+        int, typer.Option(min=1, help="Posts stored at once (a fetched batch's feedback shares one commit).")
+    ] = 8,  # consumer.DEFAULT_CONCURRENCY (not imported here: the CLI loads the broker code only when used)
 ) -> None:
     """Store posts and feedback from NATS JetStream (README: "Broker"); acked after commit, poison to the DLQ."""
     import asyncio

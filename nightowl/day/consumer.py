@@ -10,8 +10,10 @@ published on any subject the stream captures (default ``nightowl.ingest.>``). Un
 refused, as over HTTP.
 
 Delivery is at-least-once and stored exactly once:
-- a durable pull consumer with explicit acks: a message is acked only after the logger returned,
-  i.e. after its commit; a consumer killed before the ack gets it again after ``ack_wait_s``;
+- a durable pull consumer with explicit acks: a message is acked only after the commit holding it;
+  a consumer killed before the ack gets it again after ``ack_wait_s``;
+- a fetched batch's feedback is checked here and committed together (one transaction, one flush,
+  each message still answered on its own); posts, answered by the model first, go one by one;
 - the idempotency key is the body's ``idempotency_key``, else the message id (``Nats-Msg-Id``
   header), else the stream incarnation and sequence: a redelivered message finds its stored row;
 - poison (not JSON, unknown field, unknown user or post, bad label, oversized, a key reused for
@@ -47,6 +49,8 @@ from nightowl.settings import BrokerSettings
 
 log = logging.getLogger(__name__)
 
+# Posts stored at once (each is answered by the model first); `nightowl consume --concurrency`.
+DEFAULT_CONCURRENCY = 8
 # An unexpected error (a bug, not a domain error) is retried this many deliveries, then dead-lettered.
 MAX_UNEXPECTED_DELIVERIES = 5
 
@@ -83,16 +87,27 @@ def parse_message(data: bytes) -> PostMessage | FeedbackMessage:
 def store_message(rt: Runtime, data: bytes, default_key: str) -> PostLogged | FeedbackOut:
     """Validate and store one message through the logger; ``default_key`` when it names no key."""
     msg = parse_message(data)
-    body = msg.body
-    key = body.idempotency_key or default_key
     if isinstance(msg, PostMessage):
-        limits = rt.settings.limits
-        for name, value, limit in (("aspect", body.aspect, limits.max_aspect_chars), ("context", body.context, limits.max_text_chars)):
-            if value is not None and len(value) > limit:  # as the HTTP route checks, before the logger strips it
-                raise InvalidInput(f"{name} is {len(value)} characters; the limit is {limit}")
-        image = logger.decode_base64_image(body.image_base64) if body.image_base64 else None
-        return logger.log_post(rt, msg.user_id, body.text, body.aspect, image, key, body.context)
-    return logger.log_feedback(rt, msg.user_id, body.post_id, body.label, body.reason, key)
+        return store_post(rt, msg, default_key)
+    return logger.log_feedback(rt, msg.user_id, msg.body.post_id, msg.body.label, msg.body.reason,
+                               msg.body.idempotency_key or default_key)
+
+
+def store_post(rt: Runtime, msg: PostMessage, default_key: str) -> PostLogged:
+    body = msg.body
+    limits = rt.settings.limits
+    for name, value, limit in (("aspect", body.aspect, limits.max_aspect_chars), ("context", body.context, limits.max_text_chars)):
+        if value is not None and len(value) > limit:  # as the HTTP route checks, before the logger strips it
+            raise InvalidInput(f"{name} is {len(value)} characters; the limit is {limit}")
+    image = logger.decode_base64_image(body.image_base64) if body.image_base64 else None
+    return logger.log_post(rt, msg.user_id, body.text, body.aspect, image, body.idempotency_key or default_key, body.context)
+
+
+def feedback_write(rt: Runtime, msg: FeedbackMessage, default_key: str) -> logger.FeedbackWrite:
+    """The checked write of a feedback message (InvalidInput before anything is queued)."""
+    body = msg.body
+    return logger.checked_feedback(rt, msg.user_id, body.post_id, body.label, body.reason,
+                                   body.idempotency_key or default_key)
 
 
 @dataclass
@@ -110,9 +125,10 @@ class Stats:
 
 class Consumer:
     """The durable pull consumer. ``run()`` until ``stop()`` (or, with ``until_idle``, until a fetch
-    finds nothing); each fetched batch is stored concurrently on ``concurrency`` threads."""
+    finds nothing). Each fetched batch's feedback is committed together; its posts are stored on
+    ``concurrency`` threads."""
 
-    def __init__(self, rt: Runtime, cfg: BrokerSettings | None = None, concurrency: int = 8):
+    def __init__(self, rt: Runtime, cfg: BrokerSettings | None = None, concurrency: int = DEFAULT_CONCURRENCY):
         self.rt = rt
         self.cfg = cfg or rt.settings.broker
         if self.cfg.url is None:
@@ -144,7 +160,7 @@ class Consumer:
                     if until_idle:
                         break
                     continue
-                await asyncio.gather(*(self._handle(m, pool) for m in msgs))
+                await self._store_batch(msgs, pool)
             await nc.flush()
         finally:
             pool.shutdown(wait=True)
@@ -155,20 +171,64 @@ class Consumer:
         msg_id = (msg.headers or {}).get("Nats-Msg-Id")
         return msg_id if msg_id else f"{self._incarnation}.{msg.metadata.sequence.stream}"
 
+    async def _store_batch(self, msgs: list, pool: ThreadPoolExecutor) -> None:
+        """A fetched batch. With group commit, its feedback is checked here and queued all at once,
+        so the lot shares one transaction and one flush (the disk allows a few hundred flushes a
+        second; a group of 256 rows costs about what one row does). Posts (each answered by the
+        model first), and everything without group commit, are stored one by one on the pool."""
+        grouped, alone = [], []
+        for m in msgs:
+            if not self.rt.settings.ingest_group_commit:
+                alone.append(m)
+                continue
+            try:
+                parsed = parse_message(m.data)
+                if isinstance(parsed, FeedbackMessage):
+                    grouped.append((m, feedback_write(self.rt, parsed, self._default_key(m))))
+                else:
+                    alone.append(m)
+            except Exception as exc:  # noqa: BLE001 - sorted in _failed (poison: dead-lettered)
+                await self._failed(m, exc)
+        await asyncio.gather(self._store_grouped(grouped, pool), *(self._handle(m, pool) for m in alone))
+
+    async def _store_grouped(self, items: list, pool: ThreadPoolExecutor) -> None:
+        if not items:
+            return
+        queued = logger.queue_feedback(self.rt, [write for _, write in items])
+        await self._while_in_progress(asyncio.wrap_future(queued), [m for m, _ in items])
+        try:
+            outcomes = queued.result()
+        except Exception as exc:  # noqa: BLE001 - the group's commit failed: every message meets it
+            outcomes = [(False, exc)] * len(items)
+        for (m, _), (ok, value) in zip(items, outcomes):
+            if ok:
+                await self._acked(m, value)
+            else:
+                await self._failed(m, value)
+
     async def _handle(self, msg, pool: ThreadPoolExecutor) -> None:
         loop = asyncio.get_running_loop()
         fut = loop.run_in_executor(pool, store_message, self.rt, msg.data, self._default_key(msg))
-        heartbeat = max(0.5, self.cfg.ack_wait_s / 3)
-        while True:  # a slow store (a large image) tells the server it is still being worked on
-            done, _ = await asyncio.wait({fut}, timeout=heartbeat)
-            if done:
-                break
-            await msg.in_progress()
+        await self._while_in_progress(fut, [msg])
         try:
             out = fut.result()
         except Exception as exc:  # noqa: BLE001 - sorted in _failed: transient, poison, or a bug
             await self._failed(msg, exc)
             return
+        await self._acked(msg, out)
+
+    async def _while_in_progress(self, fut: asyncio.Future, msgs: list) -> None:
+        """Wait for `fut`; meanwhile a slow store (a large image, a busy database) tells the server
+        the messages are still being worked on, so they are not redelivered under us."""
+        heartbeat = max(0.5, self.cfg.ack_wait_s / 3)
+        while True:
+            done, _ = await asyncio.wait({fut}, timeout=heartbeat)
+            if done:
+                return
+            for m in msgs:
+                await m.in_progress()
+
+    async def _acked(self, msg, out: PostLogged | FeedbackOut) -> None:
         # The logger returned: its commit is done. Only now the ack (lost or never sent: redelivery,
         # and the idempotency key finds the stored row).
         await msg.ack()

@@ -34,6 +34,7 @@ import queue
 import threading
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence, TypeVar
 
 from sqlalchemy.engine import Engine
@@ -93,7 +94,7 @@ class GroupCommitter:
         """Run `write(session)` in its own savepoint in the next group; return its result once that
         group is committed. If it raises, its savepoint is rolled back and `recover(session, exc)`,
         when given, answers instead (e.g. a unique key stored meanwhile: the stored row)."""
-        fut = self._enqueue(write, recover)
+        fut = self._put(write, recover)
         try:
             return fut.result(timeout=WAIT_S)
         except FutureTimeout:
@@ -107,7 +108,7 @@ class GroupCommitter:
         """`submit` for the event loop: the request waits for its group without holding a thread.
         A request whose client goes away meanwhile is still written (shielded): nothing of it is
         half-way, and a retry with its idempotency key finds it."""
-        fut = self._enqueue(write, recover)
+        fut = self._put(write, recover)
         waiting = asyncio.wrap_future(fut)
         try:
             return await asyncio.wait_for(asyncio.shield(waiting), WAIT_S)
@@ -116,7 +117,24 @@ class GroupCommitter:
                 raise Unavailable(f"the database is busy: not written within {WAIT_S} s; retry later") from None
             return await waiting  # being written: the commit decides, and answers soon
 
-    def _enqueue(self, write: Callable, recover: Callable | None) -> Future:
+    def enqueue(self, write: Callable[[Session], T], recover: Callable[[Session, Exception], T] | None = None) -> Future:
+        """Queue `write` for the next group without waiting: the future is set once the group holding
+        it is committed (its result, or the exception the write met)."""
+        return self._put(write, recover)
+
+    def enqueue_all(
+        self, writes: Sequence[GroupedWrite], recover: Callable[[GroupedWrite, Session, Exception], object] | None = None
+    ) -> Future:
+        """Queue writes of one kind as one item, not waited for: the future is set, once the group
+        holding them is committed, to their outcomes in order (`(True, result)` or `(False, the
+        exception)`, as each would have had alone; `recover(write, session, exc)` as in `submit`).
+        For a caller with many at hand (a broker's fetched batch): one future and one queue entry
+        instead of one per write."""
+        if not writes:
+            raise ValueError("enqueue_all needs at least one write")
+        return self._put(_Together(tuple(writes), recover), None)
+
+    def _put(self, write: Callable, recover: Callable | None) -> Future:
         fut: Future = Future()
         with self._lock:
             if self._closed:
@@ -172,15 +190,18 @@ class GroupCommitter:
         with session_scope(self.engine) as s:
             for run in _runs_of_one_kind(batch):
                 kind = type(run[0][0])
+                if kind is _Together:
+                    results.extend((fut, True, together.outcomes(s)) for together, _, fut in run)
+                    continue
                 if hasattr(kind, "write_all"):
-                    outcomes = _write_together(s, kind, run)
+                    outcomes = _write_together(s, kind, [write for write, *_ in run])
                     if outcomes is not None:
                         results.extend((fut, ok, value) for (*_, fut), (ok, value) in zip(run, outcomes))
                         continue
                 results.extend((item[-1], *_write_alone(s, *item[:2])) for item in run)
         # Committed (session_scope returned): now, and only now, answer.
         self.groups += 1
-        self.writes += len(batch)
+        self.writes += sum(len(write.writes) if isinstance(write, _Together) else 1 for write, *_ in batch)
         for fut, ok, value in results:
             if ok:
                 fut.set_result(value)
@@ -200,12 +221,33 @@ def _runs_of_one_kind(batch: list) -> list[list]:
     return runs
 
 
-def _write_together(s: Session, kind: type[GroupedWrite], run: list) -> list[Outcome] | None:
-    """The run's writes in one savepoint with set-based statements; None if the database refused
+@dataclass(frozen=True)
+class _Together:
+    """Writes of one kind queued as one item (`enqueue_all`), answered with all their outcomes."""
+
+    writes: tuple
+    recover: Callable | None
+
+    def outcomes(self, s: Session) -> list[Outcome]:
+        kind = type(self.writes[0])
+        if hasattr(kind, "write_all"):
+            outcomes = _write_together(s, kind, list(self.writes))
+            if outcomes is not None:
+                return outcomes
+        return [_write_alone(s, w, self._recover_for(w)) for w in self.writes]
+
+    def _recover_for(self, write) -> Callable | None:
+        if self.recover is None:
+            return None
+        return lambda s, exc: self.recover(write, s, exc)
+
+
+def _write_together(s: Session, kind: type[GroupedWrite], writes: list) -> list[Outcome] | None:
+    """The writes in one savepoint with set-based statements; None if the database refused
     them (their savepoint is rolled back: each is then written alone)."""
     try:
         with s.begin_nested():
-            return kind.write_all(s, [write for write, *_ in run])
+            return kind.write_all(s, writes)
     except Exception:  # noqa: BLE001 - each write alone then meets the error that is its own
         if not s.in_transaction():  # the transaction itself is gone: stop here
             raise

@@ -142,6 +142,36 @@ def test_posts_and_feedback_are_stored_and_acked(rt, cfg):
     assert logger.health(rt).broker_lag == 0  # everything acked
 
 
+def test_a_batch_of_feedback_shares_one_commit_and_a_bad_one_fails_alone(rt, cfg):
+    from sqlalchemy import event
+
+    first = logger.log_post(rt, "alice", "one").post_id
+    second = logger.log_post(rt, "alice", "two").post_id
+    logger.create_user(rt, "bob")
+    bobs = logger.log_post(rt, "bob", "bob's").post_id
+    publish(
+        cfg,
+        feedback_msg(first, "positive", idempotency_key="a"),
+        feedback_msg(first, "positive", idempotency_key="a"),  # its twin in the same batch: stored once
+        feedback_msg(second, "negative", reason="no"),
+        feedback_msg(10**9, "positive"),  # no such post
+        feedback_msg(bobs, "positive"),  # another user's post: not found for alice
+        feedback_msg(first, "ecstatic"),  # not a label: refused before anything is queued
+        feedback_msg(first, "negative", idempotency_key="a"),  # key "a" reused for other content
+    )
+    commits = []
+    event.listen(rt.engine, "commit", lambda conn: commits.append(1))
+    stats = consume(rt, cfg)
+    assert (stats.stored, stats.duplicates, stats.dead_lettered) == (2, 1, 4)
+    assert len(commits) == 1  # the batch's feedback: one transaction, one flush
+    assert [(f.label, f.idempotency_key) for f in logger.list_feedback(rt, "alice", first).items] == [("positive", "a")]
+    assert [(f.label, f.reason) for f in logger.list_feedback(rt, "alice", second).items] == [("negative", "no")]
+    assert logger.list_feedback(rt, "bob", bobs).items == []
+    reasons = sorted(letter["reason"].split(":")[0] for letter in dead_letters(cfg, 4))
+    assert reasons == ["Conflict", "InvalidInput", "NotFound", "NotFound"]
+    assert logger.health(rt).broker_lag == 0
+
+
 def test_a_message_seen_twice_is_stored_once(rt, cfg, monkeypatch):
     # The same Nats-Msg-Id after JetStream's dedup window: both copies reach the consumer.
     acks = publish(cfg, (post_msg("dup"), {"Nats-Msg-Id": "same"}), (post_msg("dup"), {"Nats-Msg-Id": "same"}),
@@ -264,4 +294,29 @@ def test_a_transient_failure_is_retried_not_dead_lettered(rt, cfg, monkeypatch):
     assert (stats.retried, stats.stored, stats.dead_lettered) == (1, 1, 0)
     assert len(calls) == 2 and calls[0] == calls[1]  # the same key both times
     assert texts(rt) == ["after a busy moment"]
+    assert logger.health(rt).broker_lag == 0
+
+
+def test_a_group_commit_that_fails_is_retried_for_every_message_in_it(rt, cfg, monkeypatch):
+    from concurrent.futures import Future
+
+    from nightowl.errors import Unavailable
+
+    post_id = logger.log_post(rt, "alice", "a post").post_id
+    real, calls = logger.queue_feedback, []
+
+    def busy_once(rt_, writes):
+        calls.append(len(writes))
+        if len(calls) > 1:
+            return real(rt_, writes)
+        failed = Future()  # the commit holding the batch failed: nothing of it is on disk
+        failed.set_exception(Unavailable("the database is busy; retry later"))
+        return failed
+
+    monkeypatch.setattr(logger, "queue_feedback", busy_once)
+    publish(cfg, *[feedback_msg(post_id, "positive", reason=f"r{i}") for i in range(3)])
+    stats = consume(rt, cfg)  # nak'ed with nak_delay_s (0.2 s), redelivered within the same run
+    assert (stats.retried, stats.stored, stats.dead_lettered) == (3, 3, 0)
+    assert calls[0] == 3
+    assert sorted(f.reason for f in logger.list_feedback(rt, "alice", post_id).items) == ["r0", "r1", "r2"]
     assert logger.health(rt).broker_lag == 0

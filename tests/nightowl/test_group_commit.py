@@ -167,16 +167,16 @@ def test_one_bad_request_fails_alone_and_same_key_twins_store_once(rt):
     assert (stored["used"].label, stored["used"].reason) == ("positive", "first")
 
 
-def _held_group(rt, writes: list) -> tuple[list[str], dict]:
+def _held_group(rt, writes: list, with_parameters: bool = False) -> tuple[list, dict]:
     """`writes` (name, fn, args) queued behind a held group and committed as the next one: the
-    SQL statements that group ran, and each write's result."""
+    SQL statements that group ran (with their parameters if asked), and each write's result."""
     gate = Gate(rt)
     results: dict = {}
     threads = _enqueue_in_order(gate, results, writes)
-    statements: list[str] = []
+    statements: list = []
 
-    def record(conn, cursor, statement, *rest):
-        statements.append(statement)
+    def record(conn, cursor, statement, parameters, *rest):
+        statements.append((statement, parameters) if with_parameters else statement)
 
     event.listen(rt.engine, "before_cursor_execute", record)
     try:
@@ -199,6 +199,26 @@ def test_a_group_of_feedback_runs_as_few_statements_as_one(rt):
     assert len(forty) <= len(one) + 1, f"a group of 40 ran {len(forty)} statements, a group of 1 ran {len(one)}"
     assert len({r.feedback_id for r in results.values()}) == 40 and not any(r.duplicate for r in results.values())
     assert sorted(f.idempotency_key for f in _stored(rt, "alice")) == sorted(["a"] + [f"b{i}" for i in range(40)])
+
+
+def test_a_group_finds_its_rows_by_index_not_by_scanning_a_table(rt):
+    """A group's reads must not grow with the rows stored before it. SQLite answers a row-value
+    `(user_id, key) IN (...)` with a scan of the whole feedback table (the broker's consumer slowed
+    run after run on a growing table); every read a group makes is checked with EXPLAIN."""
+    if rt.engine.dialect.name != "sqlite":
+        pytest.skip("EXPLAIN QUERY PLAN is SQLite's; PostgreSQL's planner may scan a table this small")
+    post_id = _user_with_post(rt, "alice")
+    statements, results = _held_group(
+        rt, [(i, logger.log_feedback, (rt, "alice", post_id, "positive", None, f"k{i}")) for i in range(5)],
+        with_parameters=True,
+    )
+    assert len(results) == 5
+    reads = [(sql, params) for sql, params in statements if sql.lstrip().upper().startswith("SELECT")]
+    assert any("idempotency_key" in sql for sql, _ in reads)
+    with rt.engine.connect() as conn:
+        for sql, params in reads:
+            plan = [row[-1] for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql, params)]
+            assert not any(step.startswith("SCAN") for step in plan), (sql, plan)
 
 
 def test_a_key_stored_by_another_process_mid_group_falls_back_to_one_by_one(rt):
