@@ -85,6 +85,8 @@ ROWS: dict[str, Row] = {
     "nightowl_tie_gate": Row("nightly", {"gate_evidence_z": 0.0}, "defaults, the gate promotes on 'not worse' without evidence against the base"),
     "nightowl_decision_offset": Row("nightly", {"decision_offset": True}, "defaults plus the decision offset (the served offset moved from the prior to where the base scores best by the gate's metric)"),
     "nightowl_no_prior_fallback": Row("nightly", {"fallback_to_prior": False}, "defaults, a trained candidate the gate turns down takes the night's prior with it"),
+    "nightowl_prior_only": Row("nightly", {"train_adapter": False}, "defaults without the LoRA: each night re-fits only the user's label prior (base model plus the prior's offset)"),
+    "nightowl_offsets_only": Row("nightly", {"train_adapter": False, "decision_offset": True}, "defaults without the LoRA, with the decision offset: base model plus the user's offset for gate_metric"),
     "joint_annotator_embedding": Row("joint", about="upper reference: one model for all users, a learned embedding per user"),
 }
 DEFAULT_ROWS = ["base", "nightowl", "lora_no_replay"]

@@ -124,6 +124,11 @@ def _row(path: Path, protocol: str, row: str = "nightowl") -> dict:
     return next(r for r in rows if r["name"] == row)
 
 
+def _rows(entries: list, protocol: str) -> list[dict]:
+    """The rows an entry list names: a results file (its nightowl row) or (file, row name)."""
+    return [_row(RESULTS / e, protocol) if isinstance(e, str) else _row(RESULTS / e[0], protocol, e[1]) for e in entries]
+
+
 def _per_user_mean(rows: list[dict]) -> dict[str, float]:
     """Each user's gain, averaged over the runs (each run's per_user_gain is already a mean over its seeds)."""
     users = rows[0]["per_user_gain"]
@@ -150,8 +155,8 @@ def step_table(step: str) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for protocol, (before_files, after_files) in STEPS[step].items():
-        before = [_row(RESULTS / f, protocol) for f in before_files]
-        after = [_row(RESULTS / f, protocol) for f in after_files]
+        before = _rows(before_files, protocol)
+        after = _rows(after_files, protocol)
         b, a = _per_user_mean(before), _per_user_mean(after)
         change = [a[u] - b[u] for u in b]
         lo, hi = bootstrap_ci(change)
@@ -166,6 +171,41 @@ def step_table(step: str) -> str:
             f"| {protocol} | {gains} | {_mean(a.values()):+.2f} ({_mean(b.values()):+.2f}) | "
             f"{_mean(change):+.2f} [{lo:+.2f}, {hi:+.2f}] | {_better_worse(a)} ({_better_worse(b)}) | "
             f"{served_after} ({served_before}) | {cost_after} ({cost_before}) |"
+        )
+    return "\n".join(lines)
+
+
+# The product's default nightly update over every seed run with its code (fallback_to_prior,
+# decision offset off: 805a9a5 / 9ed71ac for seeds 0-1, 63d2689 for seed 2), per protocol.
+DEFAULT_RUNS = {
+    "labelled": [f"{P}-fallback-seed0.json", f"{P}-fallback-seed1-labelled.json", f"{P}-fallback-seed2.json"],
+    "realistic_p0.3": [f"{P}-fallback-seed0.json", f"{P}-fallback-seed1-realistic.json", f"{P}-fallback-seed2.json"],
+}
+
+
+def default_table() -> str:
+    """The nightowl row (the product's default) over all its seeds: each user's gain averaged over
+    the seeds, a 95% bootstrap interval over users, users better / worse by that mean."""
+    from benchmarks.personalize import bootstrap_ci  # numpy and torch: only for this table
+
+    lines = [
+        "| protocol | seeds (commit) | gain per seed | mean gain [95% CI] | users better / worse | "
+        "answers right by day, per seed | s per user-night, per seed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for protocol, files in DEFAULT_RUNS.items():
+        rows = _rows(files, protocol)
+        gains = _per_user_mean(rows)
+        lo, hi = bootstrap_ci(list(gains.values()))
+        seeds = [s for r in rows for s in r["per_seed"]]
+        commits = ", ".join(f"{s} ({json.loads((RESULTS / f).read_text())['commit']})"
+                            for f, r in zip(files, rows) for s in r["seeds"])
+        per_seed = ", ".join(f"{s['gain_mean']:+.2f}" for s in seeds)
+        lines.append(
+            f"| {protocol} | {commits} | {per_seed} | "
+            f"{_mean(gains.values()):+.2f} [{lo:+.2f}, {hi:+.2f}] | {_better_worse(gains)} of {len(gains)} | "
+            f"{' / '.join(_pct(s['served_accuracy']) for s in seeds)} | "
+            f"{' / '.join(_fmt(s['seconds_per_user_night_median'], 1) for s in seeds)} |"
         )
     return "\n".join(lines)
 
@@ -246,6 +286,7 @@ TABLES = {
     "systems": systems_table,
     "fallback": lambda: step_table("fallback"),
     "decision": lambda: step_table("decision"),
+    "default": default_table,
 }
 
 

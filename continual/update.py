@@ -123,7 +123,7 @@ def update_user(rt: Runtime, job: UserJob, config: UpdateConfig | None = None) -
     with kit.frozen_encoder_states():  # the encoder's states, computed once for the whole night
         split = hold_back(tonight, job.user_id, config)
         replay, replay_info = select_replay(rt.replay_memory, job.user_id, tonight, split, config, rng)
-        candidate = train_candidate(kit, config, tonight, split, replay)
+        candidate = train_candidate(kit, config, tonight, split, replay, train=config.train_adapter)
         metrics = {
             "n_new": len(tonight.new),
             "n_train_new": len(split.train_new),
@@ -342,7 +342,8 @@ def judge_candidates(
     judged = partial(judge, rt.personal, config, start_dir=tonight.start_dir, start=tonight.start,
                      new=tonight.new, holdout=split.holdout, replay=replay)
     verdict = judged(trained.peft_model)
-    wants_fallback = not (verdict.promoted or verdict.back_to_base) and config.fallback_to_prior and trained.adjustment
+    wants_fallback = (not (verdict.promoted or verdict.back_to_base) and config.fallback_to_prior
+                      and config.train_adapter and trained.adjustment)  # untrained: it was the offsets alone
     if wants_fallback:
         prior_only = train_candidate(rt.personal, config, tonight, split, [], train=False,
                                      offsets=(trained.prior, trained.adjustment))
@@ -353,7 +354,7 @@ def judge_candidates(
             metrics.update(forgetting, **fallback.metrics, candidate_kind="prior_only", trained_candidate_rejected=verdict.reason)
             reason = f"the user's logit offsets alone (the trained candidate was turned down): {fallback.reason}"
             return prior_only, Verdict(True, reason, False, fallback.metrics)
-    metrics.update(verdict.metrics, candidate_kind="trained")
+    metrics.update(verdict.metrics, candidate_kind="trained" if config.train_adapter else "offsets_only")
     return trained, verdict
 
 

@@ -137,6 +137,14 @@ class UpdateConfig(BaseModel):
         description="The decision offset's pull towards the prior: examples' worth of gate_metric per logit unit "
         "moved (a user with a few labels moves it little).",
     )
+    # The offsets are fitted on the base model's answers; on a trained adapter they stack on a
+    # shift its training has already made. Off: the candidate is the adapter the night started
+    # from with tonight's offsets alone, nothing trained (an ablation of the LoRA itself).
+    train_adapter: bool = Field(
+        default=True,
+        description="Train the user's LoRA adapter each night; false: only the user's logit offsets are re-fitted "
+        "(the start adapter with tonight's offsets is the candidate the gate judges).",
+    )
     gate_metric: Literal["macro_f1", "accuracy"] = Field(
         default="macro_f1", description="What 'not worse' means at the gate."
     )

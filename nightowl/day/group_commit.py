@@ -22,6 +22,8 @@ then answers every request in the group.
   arrives in the same group finds the row its twin just wrote.
 - A request is answered only after the commit holding its row returned. If the commit fails,
   every request of the group gets the error: nothing acknowledged that is not on disk.
+- A caller with many writes at hand (the broker consumer's fetched batch) queues them as one
+  entry (`enqueue_all`) and gets one future for their outcomes, not a future and a wake-up each.
 - `close()` commits whatever was queued before it; a request that arrives after gets an error.
   Nothing queued is dropped silently.
 """

@@ -280,6 +280,32 @@ def test_decision_offset_moves_the_served_offset_from_the_prior(tmp_path, predic
     rt.close()
 
 
+def test_without_training_the_night_refits_only_the_offsets(tmp_path, predictor):
+    """`train_adapter=False`: nothing is learnt (a high learning rate would show it); the served
+    model is the base with the user's offset in its head, and it answers as the base plus that
+    offset. A second night replaces the offset rather than adding to it."""
+    rt = Runtime(make_settings(tmp_path / "home"), predictor=predictor)
+    rt.update_config = UpdateConfig(train_adapter=False, epochs=4, lr=0.05, n_global=0, min_examples_for_holdout=100)
+    base = predictor.pristine
+    logger.create_user(rt, "off")
+    for night, texts in enumerate((SARCASTIC_TRAIN[:8], SARCASTIC_TRAIN[8:])):
+        _teach(rt, "off", texts, "negative")
+        result = run_night(rt).results[0]
+        assert result.status == RunStatus.promoted and result.metrics["candidate_kind"] == "offsets_only"
+        with Session(rt.engine) as s:
+            row = registry.active(s, "off")
+        model = PeftModel.from_pretrained(copy.deepcopy(base), rt.settings.adapters_dir / row.path)
+        head = next(m for n, m in model.named_modules() if n.endswith("head.modules_to_save.default"))
+        offset = torch.tensor(result.metrics["logit_adjustment"])
+        assert torch.equal(head.weight, base.head.weight)
+        assert torch.allclose(head.bias, base.head.bias + offset, atol=1e-5)
+        with torch.inference_mode():
+            batch = predictor.batcher([ModelInput(t, None, None, None, None) for t in SARCASTIC_TEST])
+            served, plain = model(**batch), base(**batch)
+        assert torch.allclose(served, plain + offset, atol=1e-4), night
+    rt.close()
+
+
 def test_prior_counts_the_answers_a_user_let_stand(tmp_path, predictor):
     """Feedback is mostly correction: posts the user never corrected count with the answer served."""
     rt = Runtime(make_settings(tmp_path / "home"), predictor=predictor)
