@@ -93,6 +93,7 @@ DEFAULT_ROWS = ["base", "nightowl", "lora_no_replay"]
 COLORS = {"base": "tab:gray", "lora_no_replay": "tab:blue", "lora_random_replay": "tab:orange", "nightowl": "tab:red",
           "nightowl_no_prior": "tab:green", "nightowl_global_replay": "tab:brown",
           "nightowl_no_standing": "tab:olive", "nightowl_tie_gate": "tab:pink", "nightowl_no_prior_fallback": "tab:cyan", "nightowl_decision_offset": "gold",
+          "nightowl_prior_only": "tab:green", "nightowl_offsets_only": "goldenrod",
           "joint_annotator_embedding": "tab:purple"}  # one colour per row in every plot
 WORK = Path(__file__).resolve().parent / "work" / "personalize"
 

@@ -116,6 +116,20 @@ STEPS = {
         "realistic_p0.3": ([f"{P}-fallback-seed0.json", f"{P}-fallback-seed1-realistic.json"],
                            [f"{P}-decision-seed0-realistic.json", f"{P}-decision-seed1.json"]),
     },
+    # no LoRA (train_adapter false, fdfffcd): the label prior alone, then the decision offset alone,
+    # each against the product's default (nightowl), seeds 0 and 1
+    "prior_only": {
+        "labelled": ([f"{P}-fallback-seed0.json", f"{P}-fallback-seed1-labelled.json"],
+                     [(f"{P}-offsets.json", "nightowl_prior_only")]),
+        "realistic_p0.3": ([f"{P}-fallback-seed0.json", f"{P}-fallback-seed1-realistic.json"],
+                           [(f"{P}-offsets.json", "nightowl_prior_only")]),
+    },
+    "offsets_only": {
+        "labelled": ([f"{P}-fallback-seed0.json", f"{P}-fallback-seed1-labelled.json"],
+                     [(f"{P}-offsets.json", "nightowl_offsets_only")]),
+        "realistic_p0.3": ([f"{P}-fallback-seed0.json", f"{P}-fallback-seed1-realistic.json"],
+                           [(f"{P}-offsets.json", "nightowl_offsets_only")]),
+    },
 }
 
 
@@ -287,6 +301,8 @@ TABLES = {
     "fallback": lambda: step_table("fallback"),
     "decision": lambda: step_table("decision"),
     "default": default_table,
+    "prior_only": lambda: step_table("prior_only"),
+    "offsets_only": lambda: step_table("offsets_only"),
 }
 
 
