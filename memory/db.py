@@ -137,8 +137,7 @@ def read_value(engine: Engine, statement: Executable, params: dict) -> Any:
     """The first column of the first row `statement` reads, or None. For the one-row read that
     every request makes (a bearer token's user): it runs on a raw driver connection from the
     engine's pool, as the dialect compiled it once, because SQLAlchemy's per-execute work
-    (events, execution contexts, result objects) cost ten times the query itself (on SQLite here,
-    366 us a lookup against 31 us). Reads only: on SQLite the pool's connections begin nothing
+    (events, execution contexts, result objects) cost many times the indexed query itself. Reads only: on SQLite the pool's connections begin nothing
     themselves (autocommit: the statement reads its own snapshot and waits for no writer); on
     PostgreSQL the implicit transaction is rolled back as the connection goes back to the pool."""
     sql, names = _compiled(engine, statement)

@@ -195,12 +195,8 @@ class GroupCommitter:
                 if kind is _Together:
                     results.extend((fut, True, together.outcomes(s)) for together, _, fut in run)
                     continue
-                if hasattr(kind, "write_all"):
-                    outcomes = _write_together(s, kind, [write for write, *_ in run])
-                    if outcomes is not None:
-                        results.extend((fut, ok, value) for (*_, fut), (ok, value) in zip(run, outcomes))
-                        continue
-                results.extend((item[-1], *_write_alone(s, *item[:2])) for item in run)
+                outcomes = _outcomes(s, [(write, recover) for write, recover, _ in run])
+                results.extend((fut, ok, value) for (*_, fut), (ok, value) in zip(run, outcomes))
         # Committed (session_scope returned): now, and only now, answer.
         self.groups += 1
         self.writes += sum(len(write.writes) if isinstance(write, _Together) else 1 for write, *_ in batch)
@@ -231,17 +227,23 @@ class _Together:
     recover: Callable | None
 
     def outcomes(self, s: Session) -> list[Outcome]:
-        kind = type(self.writes[0])
-        if hasattr(kind, "write_all"):
-            outcomes = _write_together(s, kind, list(self.writes))
-            if outcomes is not None:
-                return outcomes
-        return [_write_alone(s, w, self._recover_for(w)) for w in self.writes]
+        return _outcomes(s, [(w, self._recover_for(w)) for w in self.writes])
 
     def _recover_for(self, write) -> Callable | None:
         if self.recover is None:
             return None
         return lambda s, exc: self.recover(write, s, exc)
+
+
+def _outcomes(s: Session, run: list[tuple[Callable, Callable | None]]) -> list[Outcome]:
+    """A run of writes of one class, (write, recover) each: together with set-based statements
+    when the class has `write_all` and the database takes them, else each alone."""
+    kind = type(run[0][0])
+    if hasattr(kind, "write_all"):
+        outcomes = _write_together(s, kind, [write for write, _ in run])
+        if outcomes is not None:
+            return outcomes
+    return [_write_alone(s, write, recover) for write, recover in run]
 
 
 def _write_together(s: Session, kind: type[GroupedWrite], writes: list) -> list[Outcome] | None:
