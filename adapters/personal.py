@@ -191,19 +191,22 @@ class PersonalKit:
         base = [max(p, 1e-3) for p in base]
         return [math.log((c + strength * p) / (n + strength) / p) for c, p in zip(counts, base)]
 
-    def decision_offset(self, examples: list[Example], start: list[float] | None, metric: str, penalty: float) -> list[float]:
+    def decision_offset(self, examples: list[Example], start: list[float] | None, metric: str, penalty: float,
+                        logits: torch.Tensor | None = None) -> list[float]:
         """The user's decision offset: per-label logit offsets, searched from `start` (the prior),
         under which the base model's answers score best by `metric` on the user's `examples`
         (their labels and the answers they let stand). The prior is the Bayes correction for
         accuracy; macro-F1 pays for answering a user's rarer label more often than that, and
         MultiPICo's annotators differ most in how often they see irony (on feedback alone, days
         1-4 -> day 5, benchmarks.personal_parts: +4.3 macro-F1 against the prior's +2.4). Scored by the base, not by
-        tonight's candidate: the candidate has fitted these labels, the base never saw them."""
+        tonight's candidate: the candidate has fitted these labels, the base never saw them.
+        `logits`: the base's logits for `examples`, when already computed."""
         start = list(start) if start else [0.0] * len(self.labels)
         if not examples:
             return start
         gold = [self.labels.index(e.label) for e in examples]
-        return search_decision_offset(self.base_logits(examples), gold, start, metric, penalty)
+        logits = self.base_logits(examples) if logits is None else logits
+        return search_decision_offset(logits, gold, start, metric, penalty)
 
     @torch.inference_mode()
     def base_logits(self, examples: list[Example]) -> torch.Tensor:

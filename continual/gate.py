@@ -15,6 +15,8 @@ rollback that happened while the night trained is seen, and wins.
 from __future__ import annotations
 
 import math
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ import torch
 
 from nightowl.adapters import registry
 from nightowl.adapters.personal import PersonalKit
+from nightowl.adapters.train import scores
 from nightowl.continual.jobs import UserJob, require_current
 from nightowl.memory import night_queries
 from nightowl.memory.db import session_scope
@@ -91,6 +94,72 @@ def judge(
     if "base" in marks and start is not None:
         figures.update({f"gate_base_{k}": v for k, v in marks["base"].items()})
     return Verdict(promoted, reason, back_to_base, figures)
+
+
+def judge_by_folds(
+    kit: PersonalKit,
+    config: UpdateConfig,
+    user_id: str,
+    labelled: list[Example],
+    standing: list[Example],
+    fit: Callable[[list[Example], torch.Tensor], list[float] | None],
+    *,
+    start: AdapterVersion | None,
+) -> Verdict:
+    """The user's logit offsets over the base, judged by cross-validation (`gate_folds`): the
+    offsets `fit` on the other folds answer each fold, so every label the user gave and every
+    answer they let stand is evidence, not a held-back fifth of them. The base's logits never
+    trained on the user's posts, which is what makes every fold clean. The same rules as `judge`
+    then apply against the base: not worse by `gate_metric` and right clearly more often where
+    the two disagree; a user on earlier offsets whom the base now clearly beats goes back to it.
+    (Earlier offsets were fitted on part of tonight's data by the same recipe: tonight's folds
+    judge the recipe, on more evidence than they had.)
+
+    An answer let stand is evidence for the answer served, and the base's answers are the only
+    ones it can vouch for here: where the served answer was not the base's (the user was on
+    earlier offsets), silence would confirm those offsets by construction, so such posts are fitted
+    on but not judged on."""
+    examples = labelled + standing
+    logits = kit.base_logits(examples)
+    base_pred = logits.argmax(-1).tolist()
+    gold = [kit.labels.index(e.label) for e in examples]
+    folds = [fold_of(user_id, e, config.gate_folds) for e in examples]
+    oof = list(base_pred)
+    for k in range(config.gate_folds):
+        fit_on = [i for i, f in enumerate(folds) if f != k]
+        judged = [i for i, f in enumerate(folds) if f == k]
+        if not judged or not fit_on:
+            continue
+        offsets = fit([examples[i] for i in fit_on], logits[fit_on])
+        shifted = logits[judged] + torch.tensor(offsets or [0.0] * len(kit.labels), dtype=logits.dtype)
+        for i, p in zip(judged, shifted.argmax(-1).tolist()):
+            oof[i] = p
+    vouched = [i for i in range(len(examples)) if i < len(labelled) or gold[i] == base_pred[i]]
+    gold, oof, base_pred = ([xs[i] for i in vouched] for xs in (gold, oof, base_pred))
+    n_labels, metric, z = len(kit.labels), config.gate_metric, config.gate_evidence_z
+    cand, base = ({k: scores(gold, pred, n_labels)[k] for k in ('accuracy', 'macro_f1')} for pred in (oof, base_pred))
+    evidence = sign_test(gold, oof, base_pred, z)
+    promoted = cand[metric] >= base[metric] and evidence["passed"]
+    against = sign_test(gold, base_pred, oof, z)
+    back_to_base = start is not None and not promoted and z > 0 and against["passed"]
+    reason = (f"gate by {config.gate_folds}-fold cross-validation over {len(gold)} examples "
+              f"({len(labelled)} labels, {len(gold) - len(labelled)} answers let stand), {metric}: "
+              f"offsets out of fold {cand[metric]:.3f} vs base {base[metric]:.3f}; right where the base is wrong "
+              f"on {evidence['wins']}, wrong where it is right on {evidence['losses']}")
+    if not evidence["passed"]:
+        reason += f" (not enough evidence against the base: needs a margin of z={z:g})"
+    if back_to_base:
+        reason += "; the base beats the offsets on the evidence: back to the base"
+    figures = {"gate_metric": metric, "gate_size": len(gold), "gate_folds": config.gate_folds, "gate_evidence": evidence,
+               "back_to_base": back_to_base, **{f"gate_candidate_{k}": v for k, v in cand.items()},
+               **{f"gate_base_{k}": v for k, v in base.items()}}
+    return Verdict(promoted, reason, back_to_base, figures)
+
+
+def fold_of(user_id: str, example: Example, folds: int) -> int:
+    """An example's cross-validation fold: by a hash of its post (a relabelled post stays in its
+    fold), the same every night."""
+    return zlib.crc32(f"fold/{user_id}/{example.post_id}".encode()) % folds
 
 
 def sign_test(gold: list[int], candidate: list[int], base: list[int], z: float) -> dict[str, Any]:

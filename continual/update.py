@@ -31,7 +31,7 @@ import logging
 import time
 import warnings
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,7 @@ from sqlmodel import Session
 from nightowl.adapters import registry
 from nightowl.adapters.personal import PersonalKit
 from nightowl.continual.experiences import ExampleTable, FaissReplayPlugin, IndexedModel
-from nightowl.continual.gate import Verdict, decide, judge
+from nightowl.continual.gate import Verdict, decide, judge, judge_by_folds
 from nightowl.continual.jobs import UserJob, UserResult, require_current
 from nightowl.continual.regularizers import AnchoredEWC, anchored_lwf
 from nightowl.memory import night_queries
@@ -123,7 +123,9 @@ def update_user(rt: Runtime, job: UserJob, config: UpdateConfig | None = None) -
     with kit.frozen_encoder_states():  # the encoder's states, computed once for the whole night
         split = hold_back(tonight, job.user_id, config)
         replay, replay_info = select_replay(rt.replay_memory, job.user_id, tonight, split, config, rng)
-        candidate = train_candidate(kit, config, tonight, split, replay, train=config.train_adapter)
+        # Offsets judged by folds are fitted on the base's logits: their candidate is the base plus them.
+        start_from = replace(tonight, start=None, start_dir=None) if config.cross_validates_offsets else tonight
+        candidate = train_candidate(kit, config, start_from, split, replay, train=config.train_adapter)
         metrics = {
             "n_new": len(tonight.new),
             "n_train_new": len(split.train_new),
@@ -177,7 +179,8 @@ def hold_back(tonight: Tonight, user_id: str, config: UpdateConfig) -> Split:
     has none held back. Of the answers let stand and not held back, the latest are trained on:
     at most `standing_ratio` per new label."""
     use_standing = config.standing_ratio > 0
-    if len(tonight.examples) < config.min_examples_for_holdout or config.holdout_fraction <= 0:
+    no_holdout = config.cross_validates_offsets  # the folds judge every post; the fit uses them all
+    if no_holdout or len(tonight.examples) < config.min_examples_for_holdout or config.holdout_fraction <= 0:
         holdout: list[Example] = []
     else:
         candidates = tonight.examples + (tonight.standing if use_standing else [])
@@ -295,11 +298,17 @@ def user_offsets(kit: PersonalKit, config: UpdateConfig, tonight: Tonight, split
     only what the prior doesn't explain; and the offset served, folded into the head once
     trained: the prior, moved by the decision offset for `gate_metric` (`decision_offset`)."""
     held = split.held_post_ids
-    seen = [e for e in tonight.examples + tonight.standing if e.post_id not in held]
+    return fit_offsets(kit, config, [e for e in tonight.examples + tonight.standing if e.post_id not in held])
+
+
+def fit_offsets(kit: PersonalKit, config: UpdateConfig, seen: list[Example],
+                logits: torch.Tensor | None = None) -> tuple[list[float] | None, list[float] | None]:
+    """The offsets recipe of 4a on the posts `seen` (`logits`: the base's for them, when already
+    computed): (the label prior, the offset served)."""
     prior = kit.prior_adjustment([e.label for e in seen], config.prior_strength) if config.prior_strength > 0 else None
     if not config.decision_offset:
         return prior, prior
-    return prior, kit.decision_offset(seen, prior, config.gate_metric, config.decision_penalty)
+    return prior, kit.decision_offset(seen, prior, config.gate_metric, config.decision_penalty, logits)
 
 
 def measure_forgetting(rt: Runtime, job: UserJob, tonight: Tonight, candidate: Candidate) -> dict[str, Any]:
@@ -339,6 +348,14 @@ def judge_candidates(
     low-variance part of a night (a number per label); tied to the trained candidate, it was lost
     whenever the gate turned the training down. `metrics` gains the chosen candidate's gate
     figures (and its own forgetting figures, when it is the fallback)."""
+    if config.cross_validates_offsets:
+        def served(seen: list[Example], logits: torch.Tensor) -> list[float] | None:
+            return fit_offsets(rt.personal, config, seen, logits)[1]
+
+        verdict = judge_by_folds(rt.personal, config, job.user_id, tonight.examples, tonight.standing, served,
+                                 start=tonight.start)
+        metrics.update(verdict.metrics, candidate_kind="offsets_only")
+        return trained, verdict
     judged = partial(judge, rt.personal, config, start_dir=tonight.start_dir, start=tonight.start,
                      new=tonight.new, holdout=split.holdout, replay=replay)
     verdict = judged(trained.peft_model)

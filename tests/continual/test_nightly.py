@@ -644,3 +644,53 @@ def test_the_label_prior_alone_is_judged_when_the_trained_candidate_fails(night_
         else:
             assert result.status == RunStatus.rejected and active is None
             assert result.metrics["candidate_kind"] == "trained"
+
+
+def test_offsets_are_judged_by_folds_over_every_label(tmp_path, predictor):
+    """`gate_folds`: each fold is answered by offsets fitted without it, every label is judged,
+    and an answer let stand is judged on only where it was the base's own answer."""
+    from nightowl.continual.gate import fold_of, judge_by_folds
+    from nightowl.memory.examples import Example
+
+    rt = Runtime(make_settings(tmp_path / "home"), predictor=predictor)
+    kit, folds = rt.personal, 4
+    config = UpdateConfig(train_adapter=False, gate_folds=folds)
+    labelled = [Example(i + 1, t, None, "negative", post_id=i + 1) for i, t in enumerate(SARCASTIC_TRAIN)]
+    texts = SARCASTIC_TEST + ["What a lovely sunny morning", "The service was slow and rude"]
+    base_says = [kit.labels[i] for i in kit.base_logits([Example(0, t, None, "neutral") for t in texts]).argmax(-1)]
+    others = [next(lb for lb in kit.labels if lb != said) for said in base_says]
+    # half the answers let stand are the base's, half another model's
+    standing = [Example(0, t, None, said if k % 2 else other, post_id=100 + k)
+                for k, (t, said, other) in enumerate(zip(texts, base_says, others))]
+    neg = kit.labels.index("negative")
+    always_negative = [0.0] * len(kit.labels)
+    always_negative[neg] = 100.0
+    seen_by_fit: list[set[int]] = []
+
+    def fit(seen, logits):
+        assert len(seen) == len(logits)
+        seen_by_fit.append({e.post_id for e in seen})
+        return always_negative
+
+    verdict = judge_by_folds(kit, config, "u", labelled, standing, fit, start=None)
+    everyone = {e.post_id for e in labelled + standing}
+    fold = {e.post_id: fold_of("u", e, folds) for e in labelled + standing}
+    judged = [everyone - s for s in seen_by_fit]
+    assert all(len({fold[p] for p in j}) == 1 for j in judged)  # a fit never sees the fold it answers
+    assert sorted(p for j in judged for p in j) == sorted(everyone)  # each post answered exactly once
+    vouched = [e for e, said in zip(standing, base_says) if e.label == said]
+    assert verdict.metrics["gate_size"] == len(labelled) + len(vouched)
+    base_on_labels = [kit.labels[i] for i in kit.base_logits(labelled).argmax(-1)]
+    wins = sum(said != "negative" for said in base_on_labels)  # the offsets answer "negative" to every post
+    losses = sum(e.label != "negative" for e in vouched)
+    assert (verdict.metrics["gate_evidence"]["wins"], verdict.metrics["gate_evidence"]["losses"]) == (wins, losses)
+    assert verdict.promoted == (wins > losses and wins - losses >= math.sqrt(wins + losses)
+                                and verdict.metrics["gate_candidate_macro_f1"] >= verdict.metrics["gate_base_macro_f1"])
+
+    # a night: nothing held back, every label judged
+    rt.update_config = UpdateConfig(train_adapter=False)
+    logger.create_user(rt, "cv")
+    _teach(rt, "cv", SARCASTIC_TRAIN[:12], "negative")
+    m = run_night(rt).results[0].metrics
+    assert m["n_holdout"] == 0 and m["gate_folds"] == 5 and m["gate_size"] == 12, m
+    rt.close()
