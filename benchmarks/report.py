@@ -100,9 +100,17 @@ def personalize_table(path: Path = RESULTS / "personalization-multipico_en.json"
     return "\n".join(lines)
 
 
+P = "personalization-multipico_en"
+
+# The default before the gate by folds (fallback_to_prior judged on held-back posts, decision
+# offset off: 805a9a5 / 9ed71ac for seeds 0-1, 63d2689 for seed 2), per protocol.
+PRIOR_FALLBACK_RUNS = {
+    "labelled": [f"{P}-fallback-seed0.json", f"{P}-fallback-seed1-labelled.json", f"{P}-fallback-seed2.json"],
+    "realistic_p0.3": [f"{P}-fallback-seed0.json", f"{P}-fallback-seed1-realistic.json", f"{P}-fallback-seed2.json"],
+}
+
 # Steps of the nightowl row, each against the runs before it (one results file a seed), per
 # protocol: (files before, files after), the same users, paired user by user.
-P = "personalization-multipico_en"
 STEPS = {
     # fallback_to_prior (805a9a5, 9ed71ac) against ba6ac26
     "fallback": {
@@ -129,6 +137,21 @@ STEPS = {
                      [(f"{P}-offsets.json", "nightowl_offsets_only")]),
         "realistic_p0.3": ([f"{P}-fallback-seed0.json", f"{P}-fallback-seed1-realistic.json"],
                            [(f"{P}-offsets.json", "nightowl_offsets_only")]),
+    },
+    # the gate by folds (gate_folds 5, e60db27) for the no-LoRA rows, each against the same row
+    # judged on the held-back posts (fdfffcd), seeds 0 and 1
+    "prior_folds": {
+        protocol: ([(f"{P}-offsets.json", "nightowl_prior_only")], [(f"{P}-offsets-folds.json", "nightowl_prior_only")])
+        for protocol in ("labelled", "realistic_p0.3")
+    },
+    "offsets_folds": {
+        protocol: ([(f"{P}-offsets.json", "nightowl_offsets_only")], [(f"{P}-offsets-folds.json", "nightowl_offsets_only")])
+        for protocol in ("labelled", "realistic_p0.3")
+    },
+    # the default whose fallback, for a user over the base, is the offsets judged by folds, against
+    # the default before it (the prior on held-back posts), seeds 0, 1 and 2
+    "folds_fallback": {
+        protocol: (PRIOR_FALLBACK_RUNS[protocol], [f"{P}-folds-fallback.json"]) for protocol in PRIOR_FALLBACK_RUNS
     },
 }
 
@@ -189,12 +212,9 @@ def step_table(step: str) -> str:
     return "\n".join(lines)
 
 
-# The product's default nightly update over every seed run with its code (fallback_to_prior,
-# decision offset off: 805a9a5 / 9ed71ac for seeds 0-1, 63d2689 for seed 2), per protocol.
-DEFAULT_RUNS = {
-    "labelled": [f"{P}-fallback-seed0.json", f"{P}-fallback-seed1-labelled.json", f"{P}-fallback-seed2.json"],
-    "realistic_p0.3": [f"{P}-fallback-seed0.json", f"{P}-fallback-seed1-realistic.json", f"{P}-fallback-seed2.json"],
-}
+# The product's default nightly update over every seed run with its code (the offsets judged by
+# folds as the fallback of a user over the base), per protocol.
+DEFAULT_RUNS = {protocol: [f"{P}-folds-fallback.json"] for protocol in ("labelled", "realistic_p0.3")}
 
 
 def default_table() -> str:
@@ -303,6 +323,9 @@ TABLES = {
     "default": default_table,
     "prior_only": lambda: step_table("prior_only"),
     "offsets_only": lambda: step_table("offsets_only"),
+    "prior_folds": lambda: step_table("prior_folds"),
+    "offsets_folds": lambda: step_table("offsets_folds"),
+    "folds_fallback": lambda: step_table("folds_fallback"),
 }
 
 

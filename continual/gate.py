@@ -7,7 +7,8 @@ candidate is promoted if it is at least as good as both (a tie promotes) and, wh
 base disagree, it is right clearly more often than the base (`gate_evidence_z`, a sign test): a
 user is never moved below the base model they started from, nor below last night's adapter, on
 the evidence there is; and a user whose adapter the base now clearly beats (the same test, the
-other way round) is sent back to the base. `judge` scores a candidate (continual.update judges the
+other way round) is sent back to the base. Offsets over the base are judged instead by folds
+over all the user's posts (`judge_by_folds`, `gate_folds`). `judge` scores a candidate (continual.update judges the
 trained one, then, if need be, the user's logit offsets alone); `decide` writes the decision in one transaction under the user's lock, so a
 rollback that happened while the night trained is seen, and wins.
 """

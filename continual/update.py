@@ -19,8 +19,9 @@ kill at any point leaves the active adapter as it was:
 7. judge (continual.gate.judge): candidate vs the adapter it started from and vs the base, on the
    held-back posts, by `gate_metric` (macro-F1); it passes only if not worse than either and
    clearly right more often than the base where the two disagree (`gate_evidence_z`); if it
-   fails, the start adapter with tonight's label prior alone is judged the same way
-   (`fallback_to_prior`); a user whose adapter the base now clearly beats goes back to it;
+   fails, tonight's offsets alone are judged (`fallback_to_prior`): over the base, by folds over
+   all the user's labels (`gate_folds`), for a user on the base; else the start adapter with
+   tonight's prior, on the held-back posts; a user whose adapter the base now clearly beats goes back to it;
 8. write candidate: the chosen candidate's files (PEFT layout), then its row;
 9. decide (continual.gate.decide): promote it, or reject it with the reason.
 """
@@ -343,17 +344,16 @@ def judge_candidates(
     trained: Candidate, metrics: dict,
 ) -> tuple[Candidate, Verdict]:
     """7. The gate judges tonight's trained candidate (continual.gate.judge); if it turns it
-    down, and does not send the user back to the base, the same gate judges the adapter the night
-    started from with tonight's label prior alone (`fallback_to_prior`). The prior is the
-    low-variance part of a night (a number per label); tied to the trained candidate, it was lost
-    whenever the gate turned the training down. `metrics` gains the chosen candidate's gate
-    figures (and its own forgetting figures, when it is the fallback)."""
+    down, and does not send the user back to the base, the user's logit offsets alone are judged
+    (`fallback_to_prior`): the low-variance part of a night (a number per label), which, tied to
+    the trained candidate, was lost whenever the gate turned the training down. A user whose
+    night starts from the base (or from offsets over it) gets the base plus tonight's offsets,
+    judged by folds over all their labels (`gate_folds`); a user on a trained adapter gets that
+    adapter with tonight's prior, judged on the held-back posts. Offsets without a LoRA
+    (`train_adapter` false) are judged by folds alone. `metrics` gains the chosen candidate's
+    gate figures (and its own forgetting figures, when it is the fallback)."""
     if config.cross_validates_offsets:
-        def served(seen: list[Example], logits: torch.Tensor) -> list[float] | None:
-            return fit_offsets(rt.personal, config, seen, logits)[1]
-
-        verdict = judge_by_folds(rt.personal, config, job.user_id, tonight.examples, tonight.standing, served,
-                                 start=tonight.start)
+        verdict = _offsets_by_folds(rt, config, job, tonight)
         metrics.update(verdict.metrics, candidate_kind="offsets_only")
         return trained, verdict
     judged = partial(judge, rt.personal, config, start_dir=tonight.start_dir, start=tonight.start,
@@ -361,7 +361,20 @@ def judge_candidates(
     verdict = judged(trained.peft_model)
     wants_fallback = (not (verdict.promoted or verdict.back_to_base) and config.fallback_to_prior
                       and config.train_adapter and trained.adjustment)  # untrained: it was the offsets alone
-    if wants_fallback:
+    if wants_fallback and config.gate_folds >= 2 and starts_over_base(tonight):
+        over_base = replace(tonight, start=None, start_dir=None)
+        offsets = fit_offsets(rt.personal, config, tonight.examples + tonight.standing)  # the folds judge them all
+        candidate = train_candidate(rt.personal, config, over_base, split, [], train=False, offsets=offsets)
+        forgetting = measure_forgetting(rt, job, tonight, candidate)
+        rt.personal.shift_head_bias(candidate.peft_model, candidate.adjustment)
+        fallback = _offsets_by_folds(rt, config, job, tonight)
+        if fallback.promoted or fallback.back_to_base:
+            metrics.update(forgetting, **fallback.metrics, candidate_kind="offsets_over_base",
+                           trained_candidate_rejected=verdict.reason, logit_adjustment=candidate.adjustment,
+                           label_prior=candidate.prior)
+            reason = f"the base with the user's logit offsets (the trained candidate was turned down): {fallback.reason}"
+            return candidate, replace(fallback, reason=reason)
+    elif wants_fallback:
         prior_only = train_candidate(rt.personal, config, tonight, split, [], train=False,
                                      offsets=(trained.prior, trained.adjustment))
         forgetting = measure_forgetting(rt, job, tonight, prior_only)
@@ -373,6 +386,24 @@ def judge_candidates(
             return prior_only, Verdict(True, reason, False, fallback.metrics)
     metrics.update(verdict.metrics, candidate_kind="trained" if config.train_adapter else "offsets_only")
     return trained, verdict
+
+
+def starts_over_base(tonight: Tonight) -> bool:
+    """Whether the night starts from the base model itself or from logit offsets over it (no
+    trained adapter): the base's logits are then what the user is served, before any offset."""
+    return tonight.start is None or (tonight.start.metrics or {}).get("candidate_kind") in OVER_BASE
+
+
+OVER_BASE = ("offsets_only", "offsets_over_base")  # candidate kinds that are the base plus offsets
+
+
+def _offsets_by_folds(rt: Runtime, config: UpdateConfig, job: UserJob, tonight: Tonight) -> Verdict:
+    """Tonight's offsets recipe (4a) judged by folds over every label and answer let stand."""
+    def served(seen: list[Example], logits: torch.Tensor) -> list[float] | None:
+        return fit_offsets(rt.personal, config, seen, logits)[1]
+
+    return judge_by_folds(rt.personal, config, job.user_id, tonight.examples, tonight.standing, served,
+                          start=tonight.start)
 
 
 def write_candidate(rt: Runtime, job: UserJob, tonight: Tonight, candidate: Candidate, metrics: dict, t0: float) -> int:

@@ -118,8 +118,10 @@ class UpdateConfig(BaseModel):
     # it gains +2.4 macro-F1 by itself, while a per-user head on the same features loses 2.
     fallback_to_prior: bool = Field(
         default=True,
-        description="When the gate turns tonight's trained candidate down (and keeps the user's adapter), the "
-        "adapter the night started from with tonight's label prior alone is judged by the same gate.",
+        description="When the gate turns tonight's trained candidate down (and keeps the user's adapter), tonight's "
+        "logit offsets alone are judged: for a user on the base (or on offsets over it), the base plus them, judged "
+        "by folds (gate_folds); for a user on a trained adapter, that adapter with tonight's label prior, judged on "
+        "the held-back posts.",
     )
     # The prior is the Bayes correction for accuracy; macro-F1 (the gate's and the benchmark's
     # metric) pays for answering a user's rarer label more often. On feedback alone the decision
@@ -150,10 +152,10 @@ class UpdateConfig(BaseModel):
     # logits, which never trained on the user's posts, so every post can be scored out of fold.
     gate_folds: int = Field(
         default=5, ge=0,
-        description="When the night re-fits only the user's logit offsets (train_adapter false), the gate judges "
-        "them by cross-validation over all the user's labels and answers let stand: offsets fitted on the other "
-        "folds answer each fold (folds by a hash of the post), and nothing is held back from the fit. "
-        "0 or 1: the held-back posts judge them, as they judge a trained adapter.",
+        description="Offsets over the base (the fallback of a user on the base, fallback_to_prior; every night's "
+        "candidate when train_adapter is false) are judged by cross-validation over all the user's labels and "
+        "answers let stand: offsets fitted on the other folds answer each fold (folds by a hash of the post), and "
+        "nothing is held back from the fit. 0 or 1: the held-back posts judge them, as they judge a trained adapter.",
     )
     gate_metric: Literal["macro_f1", "accuracy"] = Field(
         default="macro_f1", description="What 'not worse' means at the gate."

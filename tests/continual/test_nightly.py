@@ -495,7 +495,7 @@ def test_held_back_posts_are_the_same_every_night_and_never_trained_on(night_rt)
     assert not is_held_back("u", Example(-1, "t", None, "x"), 0.2)  # global examples are never held back
 
     rt = night_rt
-    rt.update_config = UpdateConfig(epochs=1, n_global=0)
+    rt.update_config = UpdateConfig(epochs=1, n_global=0, gate_folds=0)  # folds judge a fallback on every post
     logger.create_user(rt, "h")
     _teach(rt, "h", SARCASTIC_TRAIN, "negative")
     first = run_night(rt).results[0]
@@ -606,9 +606,10 @@ def test_an_adapter_the_base_now_beats_sends_the_user_back_to_the_base(night_rt)
 
 
 def test_the_label_prior_alone_is_judged_when_the_trained_candidate_fails(night_rt, monkeypatch):
-    """A trained candidate the gate turns down no longer takes tonight's prior with it: the start
-    adapter (here the base) with the prior alone is judged by the same gate, and promoted on
-    evidence; `fallback_to_prior=False` turns the fallback off."""
+    """A trained candidate the gate turns down no longer takes tonight's prior with it: a user on
+    the base gets the base with tonight's offsets, judged by folds over all their labels
+    (`gate_folds`; 0: the prior alone, judged by the same gate on the held-back posts), and
+    promoted on evidence; `fallback_to_prior=False` turns the fallback off."""
     from nightowl.continual import update
 
     real_train = update.train_candidate
@@ -626,18 +627,21 @@ def test_the_label_prior_alone_is_judged_when_the_trained_candidate_fails(night_
     monkeypatch.setattr(update, "train_candidate", broken_training)
     rt = night_rt
     strong_prior = dict(epochs=1, prior_strength=0.1, min_examples_for_holdout=1, holdout_fraction=0.5)
-    for user, fallback in (("fb", True), ("nofb", False)):
-        rt.update_config = UpdateConfig(fallback_to_prior=fallback, **strong_prior)
+    for user, fallback, folds in (("fb", True, 0), ("folds", True, 5), ("nofb", False, 5)):
+        rt.update_config = UpdateConfig(fallback_to_prior=fallback, gate_folds=folds, **strong_prior)
         logger.create_user(rt, user)
         _teach(rt, user, SARCASTIC_TRAIN, "negative")
         result = run_night(rt, only_users=[user]).results[0]
         with Session(rt.engine) as s:
             active = registry.active(s, user)
         if fallback:
-            assert result.status == RunStatus.promoted and result.metrics["candidate_kind"] == "prior_only"
+            kind = "offsets_over_base" if folds else "prior_only"
+            assert result.status == RunStatus.promoted and result.metrics["candidate_kind"] == kind
             assert "not enough evidence" in result.metrics["trained_candidate_rejected"]
+            held = result.metrics["n_holdout"]
+            assert result.metrics["gate_size"] == (len(SARCASTIC_TRAIN) if folds else held) and held > 0
             assert result.metrics["gate_evidence"]["passed"] and active.version == result.adapter_version
-            assert "logit offsets alone" in active.reason
+            assert "logit offsets" in active.reason
             bias, adjustment = _head_bias(rt, user)  # served: the base's head plus the prior, nothing trained
             base_bias = rt.predictor.pristine.head.bias.detach()
             assert torch.allclose(bias, base_bias + torch.tensor(adjustment), atol=1e-4)
