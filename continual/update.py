@@ -71,7 +71,8 @@ class Tonight:
     active_version: int | None  # the active adapter when the night began (None: the base)
     examples: list[Example]  # every example of the user's up to the cutoff
     new: list[Example]  # feedback after the start adapter's
-    older: list[Example]
+    older: list[Example]  # feedback the start adapter's weights learnt (replay draws from it)
+    unlearnt: list[Example]  # feedback its weights did not learn: tonight's training set (held-back posts excepted)
     standing: list[Example]  # answers served and let stand, oldest first (night_queries.standing_answers)
     earlier: list[tuple[int, list[Example]]]  # earlier experiences, keyed by their last feedback id
 
@@ -155,6 +156,9 @@ def select_examples(s: Session, job: UserJob, encoder_id: str, labels: list[str]
     # An adapter trained over another base model is no start: train afresh on all feedback.
     start = active if active and registry.built_on(active, encoder_id) else None
     trained_through = start.trained_through_feedback_id if start else 0
+    # Offsets over the base learnt nothing into the weights: a LoRA trained from them learns all
+    # the feedback (as from the base), not only what came after them.
+    learnt_through = 0 if start is None or _over_base(start) else trained_through
     examples = night_queries.user_examples(s, job.user_id, through_feedback_id=job.cutoff_feedback_id)
     standing = night_queries.standing_answers(s, job.user_id, job.cutoff_time, job.cutoff_feedback_id)
     history = night_queries.user_experiences(s, job.user_id)
@@ -166,7 +170,8 @@ def select_examples(s: Session, job: UserJob, encoder_id: str, labels: list[str]
         active_version=active.version if active else None,
         examples=examples,
         new=[e for e in examples if e.id > (trained_through or 0)],
-        older=[e for e in examples if e.id <= (trained_through or 0)],
+        older=[e for e in examples if e.id <= (learnt_through or 0)],
+        unlearnt=[e for e in examples if e.id > (learnt_through or 0)],
         standing=[e for e in standing if e.label in labels],
         earlier=[(key, exs) for key, exs in earlier if exs],
     )
@@ -187,7 +192,7 @@ def hold_back(tonight: Tonight, user_id: str, config: UpdateConfig) -> Split:
         candidates = tonight.examples + (tonight.standing if use_standing else [])
         holdout = [e for e in candidates if is_held_back(user_id, e, config.holdout_fraction)]
     held = {e.post_id for e in holdout}
-    train_new = [e for e in tonight.new if e.post_id not in held]
+    train_new = [e for e in tonight.unlearnt if e.post_id not in held]
     n_standing = int(np.ceil(config.standing_ratio * len(train_new))) if use_standing else 0
     free = [e for e in tonight.standing if e.post_id not in held]
     return Split(holdout, train_new, free[::-1][:n_standing])
@@ -391,10 +396,14 @@ def judge_candidates(
 def starts_over_base(tonight: Tonight) -> bool:
     """Whether the night starts from the base model itself or from logit offsets over it (no
     trained adapter): the base's logits are then what the user is served, before any offset."""
-    return tonight.start is None or (tonight.start.metrics or {}).get("candidate_kind") in OVER_BASE
+    return tonight.start is None or _over_base(tonight.start)
 
 
 OVER_BASE = ("offsets_only", "offsets_over_base")  # candidate kinds that are the base plus offsets
+
+
+def _over_base(version: AdapterVersion) -> bool:
+    return (version.metrics or {}).get("candidate_kind") in OVER_BASE
 
 
 def _offsets_by_folds(rt: Runtime, config: UpdateConfig, job: UserJob, tonight: Tonight) -> Verdict:

@@ -698,3 +698,36 @@ def test_offsets_are_judged_by_folds_over_every_label(tmp_path, predictor):
     m = run_night(rt).results[0].metrics
     assert m["n_holdout"] == 0 and m["gate_folds"] == 5 and m["gate_size"] == 12, m
     rt.close()
+
+
+def test_a_lora_trained_from_offsets_over_the_base_learns_all_the_feedback(night_rt, monkeypatch):
+    """Offsets over the base put nothing into the weights: the next night's LoRA trains on all
+    the user's feedback (held-back posts excepted), as a user on the base's would, not only on
+    what came after the offsets."""
+    from nightowl.continual import update
+
+    real_train = update.train_candidate
+
+    def broken_training(kit, config, tonight, split, replay, train=True, **kw):
+        cand = real_train(kit, config, tonight, split, replay, train=train, **kw)
+        if train:  # night 1's training goes wrong, so the offsets over the base are promoted
+            head = next(m for n, m in cand.peft_model.named_modules() if n.endswith("head.modules_to_save.default"))
+            with torch.no_grad():
+                head.weight.zero_()
+                head.bias.copy_(torch.tensor([0.0, 0.0, 50.0]))
+        return cand
+
+    rt = night_rt
+    rt.update_config = UpdateConfig(epochs=1, prior_strength=0.1, min_examples_for_holdout=1, holdout_fraction=0.5)
+    logger.create_user(rt, "ob")
+    _teach(rt, "ob", SARCASTIC_TRAIN, "negative")
+    with monkeypatch.context() as m:
+        m.setattr(update, "train_candidate", broken_training)
+        first = run_night(rt).results[0]
+    assert first.metrics["candidate_kind"] == "offsets_over_base" and first.status == RunStatus.promoted
+    _teach(rt, "ob", SARCASTIC_TEST, "negative")
+    second = run_night(rt).results[0]
+    everything = len(SARCASTIC_TRAIN) + len(SARCASTIC_TEST)
+    assert second.metrics["n_new"] == len(SARCASTIC_TEST)  # what came after the offsets ...
+    assert second.metrics["n_train_new"] + second.metrics["n_holdout"] == everything  # ... but all of it is learnt
+    assert second.metrics["replay"]["neighbours"] + second.metrics["replay"]["random"] == 0  # nothing older to replay
