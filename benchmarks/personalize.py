@@ -375,21 +375,28 @@ class Task:
         return f"{self.protocol.key}/seed{self.seed}/{self.row}"
 
 
-def code_digest() -> str:
-    """The source of the installed nightowl package (every subpackage, wherever pyproject maps
-    it from) and of the benchmarks: a finished run is reused only by the same code."""
+# nightowl's subpackages live in top-level folders (pyproject's package-dir), not under
+# nightowl/: walking nightowl/ alone missed them, and runs of changed night code were reused.
+PACKAGES = ("nightowl", "nightowl.adapters", "nightowl.continual", "nightowl.memory", "nightowl.scheduler",
+            "nightowl.api", "nightowl.day")
+
+
+def code_files() -> list[Path]:
+    """Every source file of the installed nightowl package (wherever pyproject maps each
+    subpackage from) and of the benchmarks."""
     import importlib
-    import pkgutil
 
-    import nightowl
+    dirs = {Path(__file__).resolve().parent}
+    for name in PACKAGES:
+        dirs.update(Path(p) for p in importlib.import_module(name).__path__)
+    return sorted({f.resolve() for d in dirs for f in d.rglob("*.py")})
 
-    dirs = {Path(p) for p in nightowl.__path__} | {Path(__file__).resolve().parent}
-    for info in pkgutil.walk_packages(nightowl.__path__, "nightowl."):
-        if info.ispkg:
-            dirs.update(Path(p) for p in importlib.import_module(info.name).__path__)
+
+def code_digest() -> str:
+    """A digest of `code_files`: a finished run is reused only by the same code."""
     h = hashlib.sha256()
-    for f in sorted({f.resolve() for d in dirs for f in d.rglob("*.py")}):
-        h.update(f.read_bytes())
+    for f in code_files():
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
     return h.hexdigest()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -82,3 +83,19 @@ def test_bench_personalize_rejects_a_bad_stream(tmp_path):
     missing = CliRunner().invoke(app, ["--stream", str(tmp_path / "nope.jsonl"), "--out", "r.json"])
     assert missing.exit_code != 0 and "not found" in missing.output
     assert not (tmp_path / "r.json").exists()
+
+
+def test_the_run_cache_is_keyed_by_every_nightowl_source_file():
+    """A finished run is reused only by the same code: every module of nightowl the benchmark
+    runs (the night's code in continual/, the store's in memory/, ...) is in the digest."""
+    import sys
+
+    from benchmarks.personalize import code_files
+
+    files = set(code_files())
+    loaded = {Path(m.__file__).resolve() for name, m in list(sys.modules.items())
+              if (name == "nightowl" or name.startswith("nightowl.")) and getattr(m, "__file__", None)}
+    assert loaded and loaded <= files, sorted(str(f) for f in loaded - files)
+    import nightowl.continual.update as update
+
+    assert Path(update.__file__).resolve() in files
