@@ -148,11 +148,6 @@ STEPS = {
         protocol: ([(f"{P}-offsets.json", "nightowl_offsets_only")], [(f"{P}-offsets-folds.json", "nightowl_offsets_only")])
         for protocol in ("labelled", "realistic_p0.3")
     },
-    # the default whose fallback, for a user over the base, is the offsets judged by folds, against
-    # the default before it (the prior on held-back posts), seeds 0, 1 and 2
-    "folds_fallback": {
-        protocol: (PRIOR_FALLBACK_RUNS[protocol], [f"{P}-folds-fallback.json"]) for protocol in PRIOR_FALLBACK_RUNS
-    },
 }
 
 
@@ -212,9 +207,8 @@ def step_table(step: str) -> str:
     return "\n".join(lines)
 
 
-# The product's default nightly update over every seed run with its code (the offsets judged by
-# folds as the fallback of a user over the base), per protocol.
-DEFAULT_RUNS = {protocol: [f"{P}-folds-fallback.json"] for protocol in ("labelled", "realistic_p0.3")}
+# The product's default nightly update over every seed run with its code, per protocol.
+DEFAULT_RUNS = PRIOR_FALLBACK_RUNS
 
 
 def default_table() -> str:
@@ -325,7 +319,6 @@ TABLES = {
     "offsets_only": lambda: step_table("offsets_only"),
     "prior_folds": lambda: step_table("prior_folds"),
     "offsets_folds": lambda: step_table("offsets_folds"),
-    "folds_fallback": lambda: step_table("folds_fallback"),
 }
 
 

@@ -19,9 +19,9 @@ kill at any point leaves the active adapter as it was:
 7. judge (continual.gate.judge): candidate vs the adapter it started from and vs the base, on the
    held-back posts, by `gate_metric` (macro-F1); it passes only if not worse than either and
    clearly right more often than the base where the two disagree (`gate_evidence_z`); if it
-   fails, tonight's offsets alone are judged (`fallback_to_prior`): over the base, by folds over
-   all the user's labels (`gate_folds`), for a user on the base; else the start adapter with
-   tonight's prior, on the held-back posts; a user whose adapter the base now clearly beats goes back to it;
+   fails, tonight's offsets alone are judged (`fallback_to_prior`): the start adapter with
+   tonight's prior, on the held-back posts (`fallback_by_folds`: for a user on the base, the base
+   plus the offsets, by folds over all their labels); a user whose adapter the base now clearly beats goes back to it;
 8. write candidate: the chosen candidate's files (PEFT layout), then its row;
 9. decide (continual.gate.decide): promote it, or reject it with the reason.
 """
@@ -351,10 +351,10 @@ def judge_candidates(
     """7. The gate judges tonight's trained candidate (continual.gate.judge); if it turns it
     down, and does not send the user back to the base, the user's logit offsets alone are judged
     (`fallback_to_prior`): the low-variance part of a night (a number per label), which, tied to
-    the trained candidate, was lost whenever the gate turned the training down. A user whose
-    night starts from the base (or from offsets over it) gets the base plus tonight's offsets,
-    judged by folds over all their labels (`gate_folds`); a user on a trained adapter gets that
-    adapter with tonight's prior, judged on the held-back posts. Offsets without a LoRA
+    the trained candidate, was lost whenever the gate turned the training down: the adapter the
+    night started from with tonight's prior, judged on the held-back posts; with
+    `fallback_by_folds`, a user whose night starts from the base (or from offsets over it) gets the
+    base plus tonight's offsets, judged by folds over all their labels. Offsets without a LoRA
     (`train_adapter` false) are judged by folds alone. `metrics` gains the chosen candidate's
     gate figures (and its own forgetting figures, when it is the fallback)."""
     if config.cross_validates_offsets:
@@ -366,7 +366,7 @@ def judge_candidates(
     verdict = judged(trained.peft_model)
     wants_fallback = (not (verdict.promoted or verdict.back_to_base) and config.fallback_to_prior
                       and config.train_adapter and trained.adjustment)  # untrained: it was the offsets alone
-    if wants_fallback and config.gate_folds >= 2 and starts_over_base(tonight):
+    if wants_fallback and config.fallback_by_folds and config.gate_folds >= 2 and starts_over_base(tonight):
         over_base = replace(tonight, start=None, start_dir=None)
         offsets = fit_offsets(rt.personal, config, tonight.examples + tonight.standing)  # the folds judge them all
         candidate = train_candidate(rt.personal, config, over_base, split, [], train=False, offsets=offsets)

@@ -606,10 +606,10 @@ def test_an_adapter_the_base_now_beats_sends_the_user_back_to_the_base(night_rt)
 
 
 def test_the_label_prior_alone_is_judged_when_the_trained_candidate_fails(night_rt, monkeypatch):
-    """A trained candidate the gate turns down no longer takes tonight's prior with it: a user on
-    the base gets the base with tonight's offsets, judged by folds over all their labels
-    (`gate_folds`; 0: the prior alone, judged by the same gate on the held-back posts), and
-    promoted on evidence; `fallback_to_prior=False` turns the fallback off."""
+    """A trained candidate the gate turns down no longer takes tonight's prior with it: the start
+    adapter (here the base) with the prior alone is judged by the same gate on the held-back posts
+    (`fallback_by_folds`: the base with tonight's offsets, judged by folds over all the labels),
+    and promoted on evidence; `fallback_to_prior=False` turns the fallback off."""
     from nightowl.continual import update
 
     real_train = update.train_candidate
@@ -628,7 +628,7 @@ def test_the_label_prior_alone_is_judged_when_the_trained_candidate_fails(night_
     rt = night_rt
     strong_prior = dict(epochs=1, prior_strength=0.1, min_examples_for_holdout=1, holdout_fraction=0.5)
     for user, fallback, folds in (("fb", True, 0), ("folds", True, 5), ("nofb", False, 5)):
-        rt.update_config = UpdateConfig(fallback_to_prior=fallback, gate_folds=folds, **strong_prior)
+        rt.update_config = UpdateConfig(fallback_to_prior=fallback, fallback_by_folds=folds > 0, gate_folds=folds, **strong_prior)
         logger.create_user(rt, user)
         _teach(rt, user, SARCASTIC_TRAIN, "negative")
         result = run_night(rt, only_users=[user]).results[0]
@@ -718,7 +718,8 @@ def test_a_lora_trained_from_offsets_over_the_base_learns_all_the_feedback(night
         return cand
 
     rt = night_rt
-    rt.update_config = UpdateConfig(epochs=1, prior_strength=0.1, min_examples_for_holdout=1, holdout_fraction=0.5)
+    rt.update_config = UpdateConfig(epochs=1, prior_strength=0.1, min_examples_for_holdout=1, holdout_fraction=0.5,
+                                    fallback_by_folds=True)
     logger.create_user(rt, "ob")
     _teach(rt, "ob", SARCASTIC_TRAIN, "negative")
     with monkeypatch.context() as m:
