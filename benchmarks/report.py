@@ -100,17 +100,9 @@ def personalize_table(path: Path = RESULTS / "personalization-multipico_en.json"
     return "\n".join(lines)
 
 
-P = "personalization-multipico_en"
-
-# The default before the gate by folds (fallback_to_prior judged on held-back posts, decision
-# offset off: 805a9a5 / 9ed71ac for seeds 0-1, 63d2689 for seed 2), per protocol.
-PRIOR_FALLBACK_RUNS = {
-    "labelled": [f"{P}-fallback-seed0.json", f"{P}-fallback-seed1-labelled.json", f"{P}-fallback-seed2.json"],
-    "realistic_p0.3": [f"{P}-fallback-seed0.json", f"{P}-fallback-seed1-realistic.json", f"{P}-fallback-seed2.json"],
-}
-
 # Steps of the nightowl row, each against the runs before it (one results file a seed), per
 # protocol: (files before, files after), the same users, paired user by user.
+P = "personalization-multipico_en"
 STEPS = {
     # fallback_to_prior (805a9a5, 9ed71ac) against ba6ac26
     "fallback": {
@@ -207,8 +199,12 @@ def step_table(step: str) -> str:
     return "\n".join(lines)
 
 
-# The product's default nightly update over every seed run with its code, per protocol.
-DEFAULT_RUNS = PRIOR_FALLBACK_RUNS
+# The product's default nightly update over every seed run with its code (fallback_to_prior,
+# decision offset off: 805a9a5 / 9ed71ac for seeds 0-1, 63d2689 for seed 2), per protocol.
+DEFAULT_RUNS = {
+    "labelled": [f"{P}-fallback-seed0.json", f"{P}-fallback-seed1-labelled.json", f"{P}-fallback-seed2.json"],
+    "realistic_p0.3": [f"{P}-fallback-seed0.json", f"{P}-fallback-seed1-realistic.json", f"{P}-fallback-seed2.json"],
+}
 
 
 def default_table() -> str:
