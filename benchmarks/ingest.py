@@ -7,12 +7,13 @@ machine (asyncio, raw HTTP/1.1: a cheap client, so that the figure is the server
 and with one commit per request (`NIGHTOWL_INGEST_GROUP_COMMIT=false`), each with 1, 8, 32 and
 128 concurrent clients, all in one run so the rows compare as ratios.
 
-    python -m benchmarks.ingest [--feedback 4000] [--clients 1 8 32 128] [--posts 200] \
+    python -m benchmarks.ingest [--feedback 4000] [--clients 1 8 32 128] [--posts 200] [--workers 1 2] \
         [--postgres-url postgresql+psycopg://postgres@127.0.0.1:5432/test] [--kill9-trials 20]
 
-With `--postgres-url` (a database it may fill: each row gets a fresh one made beside it) it adds
-rows on PostgreSQL with 1 and 2 server processes (`serve --workers N`), in both commit modes. With `--kill9-trials N`
-it kills the server (`kill -9`, workers and all) N times under load from 8 clients, restarts it,
+Each row runs with 1 and 2 server processes (`serve --workers N`; `--workers`). With
+`--postgres-url` (a database it may fill: each row gets a fresh one made beside it) it adds the
+same rows on PostgreSQL. With `--kill9-trials N`
+it kills the server (`kill -9`, all of its `max(--workers)` processes) N times under load from 8 clients, restarts it,
 resends every request that got no answer and counts acknowledged events lost and events stored
 twice.
 """
@@ -173,6 +174,17 @@ def make_users(url: str) -> dict:
 
 
 @contextmanager
+def store_env(store: str, postgres_url: str | None, env: dict):
+    """The server's environment for a row on `store`: the embedded SQLite file in the server's
+    home, or a fresh database on the PostgreSQL server of `postgres_url`."""
+    if store == "sqlite":
+        yield dict(env)
+        return
+    with fresh_database(postgres_url) as url:
+        yield {**env, "NIGHTOWL_DATABASE_URL": url}
+
+
+@contextmanager
 def fresh_database(admin_url: str):
     """A new, empty database on the server of `admin_url`, dropped afterwards."""
     import uuid
@@ -191,9 +203,9 @@ def fresh_database(admin_url: str):
         admin.dispose()
 
 
-def kill9_trials(tmp: Path, env: dict, trials: int, clients: int = 8, seed: int = 0) -> dict:
-    """Kill the server under load, restart it, resend what got no answer: count acknowledged
-    events that were lost and events stored twice."""
+def kill9_trials(tmp: Path, env: dict, trials: int, clients: int = 8, seed: int = 0, workers: int = 1) -> dict:
+    """Kill the server (`workers` processes on one SQLite file) under load, restart it, resend what
+    got no answer: count acknowledged events that were lost and events stored twice."""
     import random
 
     from sqlalchemy import text
@@ -204,7 +216,7 @@ def kill9_trials(tmp: Path, env: dict, trials: int, clients: int = 8, seed: int 
     lost = twice = acked_total = 0
     for trial in range(trials):
         home = tmp / f"kill9-{trial}"
-        server = ServerProcess(home, env=env).start()
+        server = ServerProcess(home, env=env, workers=workers).start()
         users = make_users(server.url)
         acked: set[str] = set()
         unanswered: list[tuple[str, dict, dict]] = []
@@ -235,7 +247,7 @@ def kill9_trials(tmp: Path, env: dict, trials: int, clients: int = 8, seed: int 
         stop.set()
         for t in threads:
             t.join(15)
-        server = ServerProcess(home, env=env, port=server.port).start()
+        server = ServerProcess(home, env=env, port=server.port, workers=workers).start()
         with httpx.Client(base_url=server.url, timeout=30) as c:  # the clients' retries
             for user, headers, body in unanswered:
                 c.post(f"/v1/users/{user}/feedback", json=body, headers=headers).raise_for_status()
@@ -250,7 +262,8 @@ def kill9_trials(tmp: Path, env: dict, trials: int, clients: int = 8, seed: int 
         acked_total += len(acked)
         print(f"kill -9 trial {trial + 1}/{trials}: {len(acked)} acknowledged, {len(unanswered)} resent, "
               f"lost {len(acked - set(stored))}, stored twice {len(stored) - len(set(stored))}", flush=True)
-    return {"trials": trials, "clients": clients, "acknowledged": acked_total, "lost": lost, "stored_twice": twice}
+    return {"trials": trials, "clients": clients, "workers": workers, "acknowledged": acked_total, "lost": lost,
+            "stored_twice": twice}
 
 
 def main() -> None:
@@ -259,47 +272,34 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 128])
     ap.add_argument("--posts", type=int, default=200)
     ap.add_argument("--out", type=Path, default=RESULTS)
-    ap.add_argument("--postgres-url", default=None, help="add 1- and 2-worker rows on this PostgreSQL server")
-    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="server processes of the PostgreSQL rows")
+    ap.add_argument("--postgres-url", default=None, help="add rows on this PostgreSQL server")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="server processes (serve --workers) of each store's rows")
     ap.add_argument("--kill9-trials", type=int, default=0, help="kill -9 the server under load this many times")
     args = ap.parse_args()
 
     rows = []
+    text_posts = image_posts = None
     with tempfile.TemporaryDirectory(prefix="nightowl-bench-") as tmp:
         env = {"NIGHTOWL_ADMIN_TOKEN": ADMIN, "NIGHTOWL_RATIONALE_PROVIDER": "none"}
-        for mode in ("per_request", "group"):
-            mode_env = {**env, "NIGHTOWL_INGEST_GROUP_COMMIT": "true" if mode == "group" else "false"}
-            with ServerProcess(Path(tmp) / f"home-{mode}", env=mode_env) as server:
-                users = make_users(server.url)
-                for clients in args.clients:
-                    # per-request commit is the disk's fsync rate: fewer events give as steady a figure
-                    total = args.feedback
-                    total = max(total, clients)
-                    row = feedback_throughput(server.url, users, total, clients=clients, run=f"{mode}-{clients}")
-                    rows.append({"commit": mode, "store": "sqlite", "workers": 1, **row})
-                    print(f"{mode:12s} {clients:4d} clients: {row['events_per_s']:8.1f} events/s, "
-                          f"p50 {row['latency']['p50_ms']} ms, p99 {row['latency']['p99_ms']} ms, {row['errors']} errors",
-                          flush=True)
-                if mode == "group":  # the default's server (settings.ingest_group_commit)
-                    user, (headers, _) = next(iter(users.items()))
-                    text_posts = post_latency(server.url, user, headers, args.posts, image=None)
-                    image_posts = post_latency(server.url, user, headers, max(20, args.posts // 4), image=sample_image())
-
-        for workers in args.workers if args.postgres_url else []:
-            for mode in ("per_request", "group"):
-                with fresh_database(args.postgres_url) as url:
-                    pg_env = {**env, "NIGHTOWL_DATABASE_URL": url,
-                              "NIGHTOWL_INGEST_GROUP_COMMIT": "true" if mode == "group" else "false"}
-                    with ServerProcess(Path(tmp) / f"home-pg-{workers}-{mode}", env=pg_env, workers=workers) as server:
-                        users = make_users(server.url)
-                        for clients in args.clients:
-                            row = feedback_throughput(server.url, users, max(args.feedback, clients), clients=clients,
-                                                      run=f"pg{workers}-{mode}-{clients}")
-                            rows.append({"commit": mode, "store": "postgresql", "workers": workers, **row})
-                            print(f"postgresql {workers} worker(s) {mode:12s} {clients:4d} clients: "
-                                  f"{row['events_per_s']:8.1f} events/s, p50 {row['latency']['p50_ms']} ms, "
-                                  f"p99 {row['latency']['p99_ms']} ms, {row['errors']} errors", flush=True)
-        kill9 = kill9_trials(Path(tmp), env, args.kill9_trials) if args.kill9_trials else None
+        stores = ["sqlite"] + (["postgresql"] if args.postgres_url else [])
+        for store, workers, mode in ((st, w, m) for st in stores for w in args.workers for m in ("per_request", "group")):
+            with store_env(store, args.postgres_url, env) as st_env:
+                st_env["NIGHTOWL_INGEST_GROUP_COMMIT"] = "true" if mode == "group" else "false"
+                with ServerProcess(Path(tmp) / f"home-{store}-{workers}-{mode}", env=st_env, workers=workers) as server:
+                    users = make_users(server.url)
+                    for clients in args.clients:
+                        row = feedback_throughput(server.url, users, max(args.feedback, clients), clients=clients,
+                                                  run=f"{store}{workers}-{mode}-{clients}")
+                        rows.append({"commit": mode, "store": store, "workers": workers, **row})
+                        print(f"{store} {workers} worker(s) {mode:12s} {clients:4d} clients: "
+                              f"{row['events_per_s']:8.1f} events/s, p50 {row['latency']['p50_ms']} ms, "
+                              f"p99 {row['latency']['p99_ms']} ms, {row['errors']} errors", flush=True)
+                    if (store, workers, mode) == ("sqlite", 1, "group"):  # the default server's post latency
+                        user, (headers, _) = next(iter(users.items()))
+                        text_posts = post_latency(server.url, user, headers, args.posts, image=None)
+                        image_posts = post_latency(server.url, user, headers, max(20, args.posts // 4), image=sample_image())
+        # the most workers measured: with several, a killed one may hold SQLite's write queue
+        kill9 = kill9_trials(Path(tmp), env, args.kill9_trials, workers=max(args.workers)) if args.kill9_trials else None
 
     def row(mode: str, clients: int, store: str = "sqlite", workers: int = 1) -> dict | None:
         return next((r for r in rows if (r["commit"], r["clients"], r["store"], r["workers"]) == (mode, clients, store, workers)), None)
@@ -313,7 +313,8 @@ def main() -> None:
         "benchmark": "ingest",
         "command": "python -m benchmarks.ingest " + f"--feedback {args.feedback} "
         f"--clients {' '.join(map(str, args.clients))} --posts {args.posts}"
-        + (f" --postgres-url {args.postgres_url} --workers {' '.join(map(str, args.workers))}" if args.postgres_url else "")
+        + f" --workers {' '.join(map(str, args.workers))}"
+        + (f" --postgres-url {args.postgres_url}" if args.postgres_url else "")
         + (f" --kill9-trials {args.kill9_trials}" if args.kill9_trials else ""),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "store": "SQLite WAL, synchronous=FULL (each acknowledged event fsync'd before the answer)",

@@ -245,13 +245,15 @@ def systems_table() -> str:
     modes = {"group": "group commit (default)", "per_request": "per-request commit"}
     for i, r in enumerate(ingest["feedback_ingest"]):
         ratio = f", {r['x_per_request']:.1f}x per-request" if "x_per_request" in r else ""
-        where = "" if r.get("store", "sqlite") == "sqlite" else f" on PostgreSQL, {r['workers']} worker{'s' if r['workers'] > 1 else ''}"
+        store = "" if r.get("store", "sqlite") == "sqlite" else " on PostgreSQL"
+        where = store if r["workers"] == 1 and not store else f"{store}, {r['workers']} worker{'s' if r['workers'] > 1 else ''}"
         lines.append(f"| {'`benchmarks.ingest`' if i == 0 else ''} | durable feedback ingest{where}, {modes[r['commit']]}, "
                      f"{r['clients']} client{'s' if r['clients'] > 1 else ''} | {r['events_per_s']:.1f} events/s "
                      f"({_lat(r['latency'])}){ratio}, {r['errors']} errors |")
     if ingest.get("kill9"):
         k = ingest["kill9"]
-        lines.append(f"| | kill -9 of the server under load ({k['clients']} clients), {k['trials']} trials | "
+        workers = k.get("workers", 1)
+        lines.append(f"| | kill -9 of the server ({workers} worker{'s' if workers > 1 else ''}) under load ({k['clients']} clients), {k['trials']} trials | "
                      f"{k['acknowledged']:,} acknowledged: {k['lost']} lost, {k['stored_twice']} stored twice |")
     lines.append(f"| | post latency, text (prediction included) | {_lat(ingest['post_latency_text'])} |")
     lines.append(f"| | post latency, with a 224 px image | {_lat(ingest['post_latency_with_image'])} |")

@@ -2,7 +2,9 @@
 
 Two kinds of session:
 - `session_scope`: for anything that writes. On SQLite it takes the database's one write lock up
-  front (`BEGIN IMMEDIATE`), after this process's threads queue for it on an in-process lock.
+  front (`BEGIN IMMEDIATE`), after queueing for it: this process's threads on an in-process lock,
+  processes on one database file (several server workers, a night run from the CLI) on an flock
+  of a file beside it (`WriteLock`).
 - `read_scope`: for reads. It takes neither lock: on SQLite a plain (deferred) `BEGIN`, which in
   WAL mode reads a snapshot and never waits for a writer, nor makes one wait; on PostgreSQL an
   ordinary transaction. Nothing written in it is kept. (`read_value`: one value of one hot
@@ -11,6 +13,8 @@ Two kinds of session:
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 import threading
 import time
@@ -97,11 +101,94 @@ def make_engine(url: str) -> Engine:
     def _begin_immediate(conn) -> None:  # pragma: no cover - trivial
         conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(_READ_ONLY) else "BEGIN IMMEDIATE")
 
-    # SQLite admits one writer at a time; threads of this process queue on a lock instead of
-    # polling SQLite's busy handler, whose growing sleeps turn contention into second-long tails.
-    # Other processes (a nightly run from the CLI) still meet busy_timeout.
-    engine.nightowl_write_lock = threading.RLock()
+    # SQLite admits one writer at a time; writers queue on a lock instead of polling SQLite's
+    # busy handler, whose growing sleeps (1, 2, 5, 10 ... 100 ms) turn contention into long tails.
+    file_backed = parsed.database and parsed.database != ":memory:" and not parsed.database.startswith("file:")
+    engine.nightowl_write_lock = WriteLock(Path(parsed.database + "-writelock") if file_backed else None)
     return engine
+
+
+class WriteLock:
+    """The queue in front of SQLite's one write lock: this process's threads wait on an RLock (it
+    is reentrant: a write may nest), and whichever holds it waits for the processes on the same
+    database on an flock of `path`. The kernel wakes a waiter as the holder lets go, and a process
+    that dies lets go: no polling, nothing stale. `acquire` gives up after BUSY_TIMEOUT_S."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self._threads = threading.RLock()
+        self._depth = 0  # this process's nesting: the flock is taken at 0 and let go back at 0
+        self._fd: int | None = None
+
+    def acquire(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        if not self._threads.acquire(timeout=timeout):
+            return False
+        if self._depth == 0 and self.path is not None:
+            try:
+                fd = _flock(self.path, max(0.0, deadline - time.monotonic()))
+            except BaseException:
+                self._threads.release()
+                raise
+            if fd is None:
+                self._threads.release()
+                return False
+            self._fd = fd
+        self._depth += 1
+        return True
+
+    def release(self) -> None:
+        self._depth -= 1
+        if self._depth == 0 and self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)  # closing the only descriptor of an flock lets it go
+        self._threads.release()
+
+    def __enter__(self) -> "WriteLock":
+        if not self.acquire(BUSY_TIMEOUT_S):
+            raise Unavailable(f"the database is busy: no write slot within {BUSY_TIMEOUT_S} s; retry later")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _flock(path: Path, timeout: float) -> int | None:
+    """An exclusive flock of `path` on a new descriptor (returned), or None after `timeout`.
+    flock() itself cannot time out, so a contended lock is waited for in a helper thread; if the
+    caller gives up first, the helper lets the lock go as soon as it gets it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
+    except BlockingIOError:
+        pass
+    except BaseException:
+        os.close(fd)
+        raise
+    got, decided = threading.Event(), threading.Lock()
+    abandoned = False
+
+    def wait() -> None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            os.close(fd)
+            return
+        with decided:
+            if abandoned:
+                os.close(fd)
+            else:
+                got.set()
+
+    threading.Thread(target=wait, name="nightowl-write-flock", daemon=True).start()
+    if got.wait(timeout):
+        return fd
+    with decided:
+        if got.is_set():
+            return fd
+        abandoned = True
+    return None
 
 
 @contextmanager
@@ -172,7 +259,7 @@ def _write_lock(engine: Engine) -> Iterator[None]:
     if lock is None:
         yield
         return
-    if not lock.acquire(timeout=BUSY_TIMEOUT_S):
+    if not lock.acquire(BUSY_TIMEOUT_S):
         raise Unavailable(f"the database is busy: no write slot within {BUSY_TIMEOUT_S} s; retry later")
     try:
         yield

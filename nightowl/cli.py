@@ -86,7 +86,7 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
     workers: Annotated[
-        int, typer.Option(min=1, help="Server processes (PostgreSQL only): each has its own model and adapter cache.")
+        int, typer.Option(min=1, help="Server processes: each has its own model, adapter cache and group committer.")
     ] = 1,
 ) -> None:
     """Run the HTTP API, the rationale worker and the nightly scheduler (in each of --workers processes)."""
@@ -96,12 +96,9 @@ def serve(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if workers > 1:
+        # On SQLite the workers' writes queue for the one write lock on an flock beside the
+        # database (memory.db.WriteLock): each worker's group commits take turns.
         settings = _settings()
-        if settings.db_url.startswith("sqlite"):
-            # SQLite takes one writer at a time, and its busy waits are per process: several
-            # server processes would turn every concurrent write into a lock wait or a 503.
-            raise InvalidInput("--workers > 1 needs PostgreSQL (set NIGHTOWL_DATABASE_URL=postgresql+psycopg://...); "
-                               "the embedded SQLite store serves from one process")
         typer.echo(f"nightowl: {workers} workers, home={settings.home}")
         # Each worker builds its runtime from the same settings (environment + TOML); the night's
         # database lease keeps their schedulers to one night at a time.

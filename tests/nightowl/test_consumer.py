@@ -320,3 +320,45 @@ def test_a_group_commit_that_fails_is_retried_for_every_message_in_it(rt, cfg, m
     assert calls[0] == 3
     assert sorted(f.reason for f in logger.list_feedback(rt, "alice", post_id).items) == ["r0", "r1", "r2"]
     assert logger.health(rt).broker_lag == 0
+
+
+@pytest.mark.parametrize("trial", range(2))
+def test_a_consumer_killed_mid_stream_loses_nothing_and_stores_nothing_twice(rt, cfg, trial):
+    """kill -9 of a real `nightowl consume` process while it works through a stream (the
+    benchmark, benchmarks.ingest_broker, runs 20 such trials); a second consumer gets what the
+    first never acked: every message stored, each once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from sqlmodel import Session, col, select
+
+    from nightowl.memory.models import Feedback
+
+    post_id = logger.log_post(rt, "alice", "to be judged").post_id
+    keys = [f"k{trial}-{i}" for i in range(5000)]
+    publish(cfg, *(feedback_msg(post_id, "positive", idempotency_key=k) for k in keys))
+    env = {**os.environ, "NIGHTOWL_HOME": str(rt.settings.home), "NIGHTOWL_RATIONALE_PROVIDER": "none",
+           "NIGHTOWL_BROKER": cfg.model_dump_json()}
+    command = [sys.executable, "-c", "from nightowl.cli import app; app()", "consume"]
+
+    def stored() -> list[str]:
+        with Session(rt.engine) as s:
+            return list(s.exec(select(Feedback.idempotency_key).where(col(Feedback.idempotency_key).in_(keys))).all())
+
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while len(stored()) < 300 * (trial + 1) and time.monotonic() < deadline:  # some of the stream in
+            time.sleep(0.05)
+        n_at_kill = len(stored())
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    assert 0 < n_at_kill < len(keys), "the consumer was to be killed mid-stream"
+    time.sleep(cfg.ack_wait_s + 0.3)  # what it had not acked is redelivered
+    subprocess.run(command + ["--until-idle"], env=env, check=True, stdout=subprocess.DEVNULL, timeout=180)
+    rows = stored()
+    assert set(rows) == set(keys)  # nothing lost
+    assert len(rows) == len(keys)  # nothing twice

@@ -1,4 +1,4 @@
-"""`nightowl serve --workers N`: several server processes on one PostgreSQL database."""
+"""`nightowl serve --workers N`: several server processes on one database (PostgreSQL, or the embedded SQLite file)."""
 
 from __future__ import annotations
 
@@ -8,20 +8,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import pytest
 from sqlalchemy import create_engine, text
-from typer.testing import CliRunner
 
-from nightowl.cli import app
 from nightowl.devserver import ServerProcess
 from tests.conftest import ADMIN_TOKEN
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-
-
-def test_several_workers_on_sqlite_are_refused_with_a_reason(tmp_path):
-    result = CliRunner().invoke(app, ["serve", "--workers", "2"], env={"NIGHTOWL_HOME": str(tmp_path / "home")})
-    assert result.exit_code == 2
-    assert "needs PostgreSQL" in result.output and "NIGHTOWL_DATABASE_URL" in result.output
 
 
 def _children(pid: int) -> list[int]:
@@ -29,9 +22,11 @@ def _children(pid: int) -> list[int]:
     return [int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split()]
 
 
-def test_two_workers_share_the_load_and_store_each_event_once(tmp_path, postgres_url):
-    env = {"NIGHTOWL_ADMIN_TOKEN": ADMIN_TOKEN, "NIGHTOWL_RATIONALE_PROVIDER": "none",
-           "NIGHTOWL_DATABASE_URL": postgres_url}
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+def test_two_workers_share_the_load_and_store_each_event_once(tmp_path, store, request):
+    env = {"NIGHTOWL_ADMIN_TOKEN": ADMIN_TOKEN, "NIGHTOWL_RATIONALE_PROVIDER": "none"}
+    if store == "postgresql":
+        env["NIGHTOWL_DATABASE_URL"] = request.getfixturevalue("postgres_url")
     with ServerProcess(tmp_path / "home", env=env, workers=2) as server:
         assert len(_children(server.proc.pid)) >= 2  # uvicorn's supervisor and its two workers
         with httpx.Client(base_url=server.url, timeout=30.0) as c:
@@ -54,7 +49,7 @@ def test_two_workers_share_the_load_and_store_each_event_once(tmp_path, postgres
             statuses = list(pool.map(send, list(range(120)) * 2))
     assert set(statuses) <= {200, 201}, statuses
     assert len(seen) == 2 and os.getpid() not in seen
-    engine = create_engine(postgres_url)
+    engine = create_engine(env.get("NIGHTOWL_DATABASE_URL", f"sqlite:///{tmp_path / 'home' / 'nightowl.db'}"))
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*), count(DISTINCT idempotency_key) FROM feedback")).one() == (120, 120)
     engine.dispose()
