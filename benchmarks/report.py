@@ -140,6 +140,14 @@ STEPS = {
         protocol: ([(f"{P}-offsets.json", "nightowl_offsets_only")], [(f"{P}-offsets-folds.json", "nightowl_offsets_only")])
         for protocol in ("labelled", "realistic_p0.3")
     },
+    # the fallback of a user on the base by folds (fallback_by_folds, with Tonight.unlearnt) against
+    # the product's default, seeds 0 and 1
+    "folds_fallback": {
+        "labelled": ([f"{P}-fallback-seed0.json", f"{P}-fallback-seed1-labelled.json"],
+                     [(f"{P}-folds-fallback.json", "nightowl_folds_fallback")]),
+        "realistic_p0.3": ([f"{P}-fallback-seed0.json", f"{P}-fallback-seed1-realistic.json"],
+                           [(f"{P}-folds-fallback.json", "nightowl_folds_fallback")]),
+    },
 }
 
 
@@ -317,6 +325,7 @@ TABLES = {
     "offsets_only": lambda: step_table("offsets_only"),
     "prior_folds": lambda: step_table("prior_folds"),
     "offsets_folds": lambda: step_table("offsets_folds"),
+    "folds_fallback": lambda: step_table("folds_fallback"),
 }
 
 

@@ -122,9 +122,9 @@ class UpdateConfig(BaseModel):
         "adapter the night started from with tonight's label prior alone is judged by the same gate "
         "(or, with fallback_by_folds, the base plus tonight's offsets by folds).",
     )
-    # Tried as the default (197b2db) while a LoRA trained after such offsets learnt only the
-    # feedback after them, it gained less than the prior's fallback on its first labelled seeds;
-    # that is fixed (Tonight.unlearnt) and the fixed version is not measured yet: off.
+    # Measured with a LoRA trained after such offsets learning all the feedback (Tonight.unlearnt;
+    # row nightowl_folds_fallback, seeds 0-1, README table:folds_fallback): no gain with every
+    # post labelled (paired +0.05), a loss at p = 0.3 (-0.42 [-1.09, +0.12]): off.
     fallback_by_folds: bool = Field(
         default=False,
         description="The fallback of a user on the base (or on offsets over it) is the base plus tonight's logit "
