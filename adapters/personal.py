@@ -169,6 +169,16 @@ class PersonalKit:
         s = scores([self.labels.index(e.label) for e in examples], pred, len(self.labels))
         return {"accuracy": s["accuracy"], "macro_f1": s["macro_f1"]}
 
+    @property
+    def base_error(self) -> float | None:
+        """The base model's error rate on its selection data at the epoch training kept (recorded
+        by training); None for a base trained without a selection split."""
+        training = self.predictor.config.training or {}
+        epochs, kept = training.get("epochs") or [], training.get("selected_epoch")
+        entry = epochs[kept - 1] if kept and 0 < kept <= len(epochs) else None
+        accuracy = entry.get("select_accuracy") if entry else None
+        return None if accuracy is None else 1.0 - accuracy / 100
+
     # -- the user's label prior (label-shift correction) ----------------------------------------
     @property
     def base_prior(self) -> list[float] | None:

@@ -73,23 +73,29 @@ class TrainRecipe:
         check_dict(own, "extra", self.extra)
 
 
-def scores(gold: list[int], pred: list[int], n_labels: int) -> dict:
+def scores(gold: list[int], pred: list[int], n_labels: int, weights: list[float] | None = None) -> dict:
     """Accuracy and macro-F1 as fractions in [0, 1], the confusion matrix (rows: gold) and n.
 
     The one scoring function of the project (base training, the benchmarks and the night's gate
-    all use it). What prints or stores percent multiplies by 100 where it reports.
+    all use it). What prints or stores percent multiplies by 100 where it reports. `weights`
+    (one per example; default 1) count an example as that much of one: the gate's doubted answers
+    let stand are one example split over the labels it may have (continual.gate.doubted).
     """
     gold_a, pred_a = np.array(gold), np.array(pred)
+    w = np.ones(len(gold_a)) if weights is None else np.asarray(weights, dtype=float)
     f1s = []
     # Macro over the classes present in gold or prediction (sklearn's convention): a user whose
     # test labels are all one class is not charged a 0 for the class nobody used.
-    for c in sorted(set(gold_a.tolist()) | set(pred_a.tolist())):
-        tp = int(((gold_a == c) & (pred_a == c)).sum())
-        fp = int(((gold_a != c) & (pred_a == c)).sum())
-        fn = int(((gold_a == c) & (pred_a != c)).sum())
+    present = (w > 0) if weights is not None else np.ones(len(gold_a), dtype=bool)
+    for c in sorted(set(gold_a[present].tolist()) | set(pred_a[present].tolist())):
+        tp = float(w[(gold_a == c) & (pred_a == c)].sum())
+        fp = float(w[(gold_a != c) & (pred_a == c)].sum())
+        fn = float(w[(gold_a == c) & (pred_a != c)].sum())
         f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
-    confusion = [[int(((gold_a == g) & (pred_a == p)).sum()) for p in range(n_labels)] for g in range(n_labels)]
-    return {"accuracy": float((gold_a == pred_a).mean()), "macro_f1": float(np.mean(f1s)), "confusion": confusion, "n": len(gold)}
+    count = int if weights is None else float
+    confusion = [[count(w[(gold_a == g) & (pred_a == p)].sum()) for p in range(n_labels)] for g in range(n_labels)]
+    return {"accuracy": float(w[gold_a == pred_a].sum() / w.sum()), "macro_f1": float(np.mean(f1s)),
+            "confusion": confusion, "n": len(gold)}
 
 
 @torch.inference_mode()

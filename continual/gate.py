@@ -68,17 +68,20 @@ def judge(
     if start is not None:
         models["base"] = kit.trainable(None)  # a fresh adapter: LoRA B = 0, the base's own head
     preds = {name: kit.predictions(model, gate_set) for name, model in models.items()}
-    marks = {name: kit.scores(models[name], gate_set, pred) for name, pred in preds.items()}
+    gold = [kit.labels.index(e.label) for e in gate_set]
+    doubt = silence_doubt(config, kit.base_error, gate_set, gold, preds["base"])
+    gold, weights, at = doubted(gate_set, gold, doubt, len(kit.labels))
+    preds = {name: [pred[i] for i in at] for name, pred in preds.items()}
+    marks = {name: _marks(gold, pred, len(kit.labels), weights) for name, pred in preds.items()}
     cand = marks.pop("candidate")
     not_worse = all(cand[metric] >= r[metric] for r in marks.values())
-    gold = [kit.labels.index(e.label) for e in gate_set]
-    evidence = sign_test(gold, preds["candidate"], preds["base"], config.gate_evidence_z)
+    evidence = sign_test(gold, preds["candidate"], preds["base"], config.gate_evidence_z, weights)
     promoted = not_worse and evidence["passed"]
     # The held-back evidence grows every night: an adapter promoted on a few posts may since have
     # fallen behind the base; the same test, the other way round, sends the user back to it.
     back_to_base = False
     if start is not None and not promoted:
-        against = sign_test(gold, preds["base"], preds[f"active v{start.version}"], config.gate_evidence_z)
+        against = sign_test(gold, preds["base"], preds[f"active v{start.version}"], config.gate_evidence_z, weights)
         back_to_base = config.gate_evidence_z > 0 and against["passed"]
     versus = ", ".join(f"{name} {r[metric]:.3f}" for name, r in marks.items())
     reason = f"gate on {len(gate_set)} examples ({gate_kind}), {metric}: candidate {cand[metric]:.3f} vs {versus}"
@@ -89,7 +92,10 @@ def judge(
     if back_to_base:
         reason += (f"; the base beats active v{start.version} on the evidence (right where it is wrong on "
                    f"{against['wins']}, wrong where it is right on {against['losses']}): back to the base")
+    if doubt:
+        reason += f"; answers let stand doubted: {doubt:.2f} of them taken as wrong"
     figures = {"gate_metric": metric, "gate_size": len(gate_set), "gate_evidence": evidence, "back_to_base": back_to_base,
+               "gate_silence_doubt": doubt,
                **{f"gate_candidate_{k}": v for k, v in cand.items()},
                **{f"gate_active_{k}": v for k, v in active.items()}}
     if "base" in marks and start is not None:
@@ -157,20 +163,64 @@ def judge_by_folds(
     return Verdict(promoted, reason, back_to_base, figures)
 
 
+def _marks(gold: list[int], pred: list[int], n_labels: int, weights: list[float]) -> dict[str, float]:
+    if not gold:
+        return {"accuracy": float("nan"), "macro_f1": float("nan")}
+    s = scores(gold, pred, n_labels, weights)
+    return {"accuracy": s["accuracy"], "macro_f1": s["macro_f1"]}
+
+
+def silence_doubt(
+    config: UpdateConfig, base_error: float | None, examples: list[Example], gold: list[int], base_pred: list[int]
+) -> float:
+    """The share of the answers let stand among `examples` that were wrong, estimated (`doubt_silence`).
+
+    A user corrects some wrong answers and lets the rest stand, so silence is not agreement. The
+    base's error on its own selection data says how many of these posts it answered wrongly
+    (error x posts); the labels that show it wrong account for some of them; the rest stood.
+    0 with doubt_silence off, nothing let stand, or no recorded error (a base trained without a
+    selection split); at most 0.5 (silence never counts against the answer it let stand)."""
+    standing = sum(1 for e in examples if e.id == 0)
+    if not config.doubt_silence or not standing or base_error is None:
+        return 0.0
+    shown_wrong = sum(1 for e, g, b in zip(examples, gold, base_pred) if e.id != 0 and g != b)
+    return min(0.5, max(0.0, (base_error * len(examples) - shown_wrong) / standing))
+
+
+def doubted(
+    examples: list[Example], gold: list[int], doubt: float, n_labels: int
+) -> tuple[list[int], list[float], list[int]]:
+    """The gate's examples as (gold, weight, index of the example) triples, in three lists: a label
+    the user gave is one example of weight 1; an answer let stand, with `doubt` > 0, is split over
+    the labels: its own with weight 1 - doubt, each other with doubt / (labels - 1)."""
+    golds, weights, at = [], [], []
+    for i, (e, g) in enumerate(zip(examples, gold)):
+        if e.id != 0 or doubt <= 0:
+            golds.append(g), weights.append(1.0), at.append(i)
+            continue
+        for k in range(n_labels):
+            golds.append(k), weights.append(1.0 - doubt if k == g else doubt / (n_labels - 1)), at.append(i)
+    return golds, weights, at
+
+
 def fold_of(user_id: str, example: Example, folds: int) -> int:
     """An example's cross-validation fold: by a hash of its post (a relabelled post stays in its
     fold), the same every night."""
     return zlib.crc32(f"fold/{user_id}/{example.post_id}".encode()) % folds
 
 
-def sign_test(gold: list[int], candidate: list[int], base: list[int], z: float) -> dict[str, Any]:
+def sign_test(
+    gold: list[int], candidate: list[int], base: list[int], z: float, weights: list[float] | None = None
+) -> dict[str, Any]:
     """Whether the candidate beats the base where the two disagree: right on `wins` posts the
     base gets wrong, wrong on `losses` it gets right; passed if wins - losses >= z * sqrt(wins +
-    losses) and wins > losses (a one-sided sign test; z = 0 leaves it to the metric alone)."""
-    wins = sum(c == g != b for g, c, b in zip(gold, candidate, base))
-    losses = sum(b == g != c for g, c, b in zip(gold, candidate, base))
+    losses) and wins > losses (a one-sided sign test; z = 0 leaves it to the metric alone).
+    `weights` count each example as that much of one (`doubted`)."""
+    weights = weights if weights is not None else [1] * len(gold)
+    wins = sum(w for g, c, b, w in zip(gold, candidate, base, weights) if c == g != b)
+    losses = sum(w for g, c, b, w in zip(gold, candidate, base, weights) if b == g != c)
     passed = z <= 0 or (wins > losses and wins - losses >= z * math.sqrt(wins + losses))
-    return {"wins": wins, "losses": losses, "z": z, "passed": passed}
+    return {"wins": round(wins, 3), "losses": round(losses, 3), "z": z, "passed": passed}
 
 
 def decide(

@@ -177,6 +177,17 @@ class UpdateConfig(BaseModel):
         "(a one-sided sign test), besides not being worse by gate_metric. 0: not worse is enough.",
     )
 
+    # At p = 0.3 about nine in ten of a user's held-back posts are answers let stand, and most of
+    # the base's wrong answers stand too: counted as right, silence vouched for the base and the
+    # gate promoted almost no one (README, table:prior_folds).
+    doubt_silence: bool = Field(
+        default=False,
+        description="The gate takes a share of the held-back answers let stand to be wrong: the base's error on "
+        "its selection data times the held-back posts, less the labels that show the base wrong, over the answers "
+        "let stand (at most 0.5); each such answer counts for its own label by 1 - that share, the rest spread "
+        "over the other labels. Off: an answer let stand counts as the user's label.",
+    )
+
     @property
     def cross_validates_offsets(self) -> bool:
         """Whether tonight's candidate is the user's offsets over the base, judged by folds
