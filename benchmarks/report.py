@@ -148,6 +148,12 @@ STEPS = {
         "realistic_p0.3": ([f"{P}-fallback-seed0.json", f"{P}-fallback-seed1-realistic.json"],
                            [(f"{P}-folds-fallback.json", "nightowl_folds_fallback")]),
     },
+    # the gate doubting the answers let stand (doubt_silence) against the product's default, seeds
+    # 0 and 1; with every post labelled nothing stands, so only the realistic protocol
+    "doubt_silence": {
+        "realistic_p0.3": ([f"{P}-fallback-seed0.json", f"{P}-fallback-seed1-realistic.json"],
+                           [(f"{P}-doubt-silence.json", "nightowl_doubt_silence")]),
+    },
 }
 
 
@@ -326,6 +332,7 @@ TABLES = {
     "prior_folds": lambda: step_table("prior_folds"),
     "offsets_folds": lambda: step_table("offsets_folds"),
     "folds_fallback": lambda: step_table("folds_fallback"),
+    "doubt_silence": lambda: step_table("doubt_silence"),
 }
 
 

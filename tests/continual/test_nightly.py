@@ -732,3 +732,45 @@ def test_a_lora_trained_from_offsets_over_the_base_learns_all_the_feedback(night
     assert second.metrics["n_new"] == len(SARCASTIC_TEST)  # what came after the offsets ...
     assert second.metrics["n_train_new"] + second.metrics["n_holdout"] == everything  # ... but all of it is learnt
     assert second.metrics["replay"]["neighbours"] + second.metrics["replay"]["random"] == 0  # nothing older to replay
+
+
+def test_doubted_answers_let_stand_count_by_the_estimated_share_of_wrong_ones():
+    """doubt_silence: the base errs on 25% of its selection data; of 8 held-back posts it got 2
+    wrong, 1 of which a label shows (a correction), so 1 of the 6 answers let stand is taken to be
+    wrong: each counts 5/6 for the answer served, 1/6 for the other label."""
+    from nightowl.adapters.train import scores
+    from nightowl.continual.gate import doubted, sign_test, silence_doubt
+    from nightowl.memory.examples import Example
+
+    def ex(i: int, label: str, standing: bool) -> Example:
+        return Example(id=0 if standing else i, text=f"post {i}", aspect=None, label=label, post_id=i)
+
+    examples = [ex(1, "neg", False), ex(2, "pos", False)] + [ex(i, "neg", True) for i in range(3, 9)]
+    gold = [0, 1] + [0] * 6
+    base = [1, 1] + [0] * 6  # wrong on the first label only
+    on = UpdateConfig(doubt_silence=True)
+    doubt = silence_doubt(on, 0.25, examples, gold, base)
+    assert doubt == pytest.approx(1 / 6)
+    assert silence_doubt(UpdateConfig(), 0.25, examples, gold, base) == 0.0  # off: silence is agreement
+    assert silence_doubt(on, None, examples, gold, base) == 0.0  # no recorded error: nothing to go on
+    assert silence_doubt(on, 0.9, examples, gold, base) == 0.5  # never counts against its own answer
+    assert silence_doubt(on, 0.0, examples, gold, base) == 0.0  # fewer wrong than the labels show: none
+
+    golds, weights, at = doubted(examples, gold, doubt, 2)
+    assert len(golds) == 2 + 6 * 2 and sum(weights) == pytest.approx(len(examples))  # each post weighs one
+    assert [w for w, i in zip(weights, at) if i == 3] == pytest.approx([5 / 6, 1 / 6])
+    # a candidate that flips every answer let stand: right on 1 of the 6 by the estimate
+    cand = [0, 1] + [1] * 6
+    flipped = sign_test(golds, [cand[i] for i in at], [base[i] for i in at], z=0.0, weights=weights)
+    assert flipped["wins"] == pytest.approx(1 + 1) and flipped["losses"] == pytest.approx(5)
+    s = scores(golds, [cand[i] for i in at], 2, weights)
+    assert s["accuracy"] == pytest.approx((2 + 1) / 8)
+    # unweighted, scores are what they were
+    assert scores([0, 1, 1], [0, 1, 0], 2) == scores([0, 1, 1], [0, 1, 0], 2, [1, 1, 1]) | {"confusion": [[1, 0], [1, 1]]}
+
+
+def test_the_base_error_is_read_from_the_epoch_training_kept(night_rt):
+    training = night_rt.personal.predictor.config.training
+    kept = training["epochs"][training["selected_epoch"] - 1]
+    assert night_rt.personal.base_error == pytest.approx(1 - kept["select_accuracy"] / 100)
+    assert 0 < night_rt.personal.base_error < 0.5
