@@ -88,7 +88,7 @@ ROWS: dict[str, Row] = {
     "nightowl_prior_only": Row("nightly", {"train_adapter": False}, "defaults without the LoRA: each night re-fits only the user's label prior (base model plus the prior's offset), judged by folds over all the user's labels"),
     "nightowl_offsets_only": Row("nightly", {"train_adapter": False, "decision_offset": True}, "defaults without the LoRA, with the decision offset: base model plus the user's offset for gate_metric, judged by folds over all the user's labels"),
     "nightowl_folds_fallback": Row("nightly", {"fallback_by_folds": True}, "defaults, the fallback of a user on the base is the base plus the night's offsets judged by folds"),
-    "nightowl_doubt_silence": Row("nightly", {"doubt_silence": True}, "defaults, the gate doubts the answers let stand by the base's error rate less the corrections it has seen"),
+    "nightowl_trust_silence": Row("nightly", {"doubt_silence": False}, "defaults, the gate counts an answer let stand as the user's label (the default before doubt_silence)"),
     "nightowl_offsets_holdout": Row("nightly", {"train_adapter": False, "decision_offset": True, "gate_folds": 0}, "nightowl_offsets_only judged on the held-back posts instead of by folds"),
     "joint_annotator_embedding": Row("joint", about="upper reference: one model for all users, a learned embedding per user"),
 }
@@ -96,7 +96,7 @@ DEFAULT_ROWS = ["base", "nightowl", "lora_no_replay"]
 COLORS = {"base": "tab:gray", "lora_no_replay": "tab:blue", "lora_random_replay": "tab:orange", "nightowl": "tab:red",
           "nightowl_no_prior": "tab:green", "nightowl_global_replay": "tab:brown",
           "nightowl_no_standing": "tab:olive", "nightowl_tie_gate": "tab:pink", "nightowl_no_prior_fallback": "tab:cyan", "nightowl_decision_offset": "gold",
-          "nightowl_prior_only": "tab:green", "nightowl_offsets_only": "goldenrod", "nightowl_offsets_holdout": "darkkhaki", "nightowl_folds_fallback": "indigo", "nightowl_doubt_silence": "teal",
+          "nightowl_prior_only": "tab:green", "nightowl_offsets_only": "goldenrod", "nightowl_offsets_holdout": "darkkhaki", "nightowl_folds_fallback": "indigo", "nightowl_trust_silence": "teal", "nightowl_doubt_silence": "teal",
           "joint_annotator_embedding": "tab:purple"}  # one colour per row in every plot
 WORK = Path(__file__).resolve().parent / "work" / "personalize"
 

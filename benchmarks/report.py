@@ -148,11 +148,12 @@ STEPS = {
         "realistic_p0.3": ([f"{P}-fallback-seed0.json", f"{P}-fallback-seed1-realistic.json"],
                            [(f"{P}-folds-fallback.json", "nightowl_folds_fallback")]),
     },
-    # the gate doubting the answers let stand (doubt_silence) against the product's default, seeds
-    # 0 and 1; with every post labelled nothing stands, so only the realistic protocol
+    # the gate doubting the answers let stand (doubt_silence) against the default before it, seeds
+    # 0-2; with every post labelled nothing stands, so only the realistic protocol
     "doubt_silence": {
-        "realistic_p0.3": ([f"{P}-fallback-seed0.json", f"{P}-fallback-seed1-realistic.json"],
-                           [(f"{P}-doubt-silence.json", "nightowl_doubt_silence")]),
+        "realistic_p0.3": ([f"{P}-fallback-seed0.json", f"{P}-fallback-seed1-realistic.json", f"{P}-fallback-seed2.json"],
+                           [(f"{P}-doubt-silence.json", "nightowl_doubt_silence"),
+                            (f"{P}-doubt-silence-seed2.json", "nightowl_doubt_silence")]),
     },
 }
 
@@ -168,9 +169,11 @@ def _rows(entries: list, protocol: str) -> list[dict]:
 
 
 def _per_user_mean(rows: list[dict]) -> dict[str, float]:
-    """Each user's gain, averaged over the runs (each run's per_user_gain is already a mean over its seeds)."""
+    """Each user's gain, averaged over every seed of the runs (each run's per_user_gain is already
+    a mean over its own seeds: weighted by how many)."""
     users = rows[0]["per_user_gain"]
-    return {u: sum(r["per_user_gain"][u] for r in rows) / len(rows) for u in users}
+    seeds = [len(r["per_seed"]) for r in rows]
+    return {u: sum(n * r["per_user_gain"][u] for n, r in zip(seeds, rows)) / sum(seeds) for u in users}
 
 
 def _mean(values) -> float:
@@ -214,10 +217,14 @@ def step_table(step: str) -> str:
 
 
 # The product's default nightly update over every seed run with its code (fallback_to_prior,
-# decision offset off: 805a9a5 / 9ed71ac for seeds 0-1, 63d2689 for seed 2), per protocol.
+# decision offset off: 805a9a5 / 9ed71ac for seeds 0-1, 63d2689 for seed 2), per protocol; at p =
+# 0.3 with doubt_silence (235c8b2 for seeds 0-1, 3b925b1 for seed 2, run as the row
+# nightowl_doubt_silence before it became the default). With every post labelled nothing stands,
+# and doubt_silence changes nothing: the labelled runs stand.
 DEFAULT_RUNS = {
     "labelled": [f"{P}-fallback-seed0.json", f"{P}-fallback-seed1-labelled.json", f"{P}-fallback-seed2.json"],
-    "realistic_p0.3": [f"{P}-fallback-seed0.json", f"{P}-fallback-seed1-realistic.json", f"{P}-fallback-seed2.json"],
+    "realistic_p0.3": [(f"{P}-doubt-silence.json", "nightowl_doubt_silence"),
+                       (f"{P}-doubt-silence-seed2.json", "nightowl_doubt_silence")],
 }
 
 
@@ -236,7 +243,7 @@ def default_table() -> str:
         gains = _per_user_mean(rows)
         lo, hi = bootstrap_ci(list(gains.values()))
         seeds = [s for r in rows for s in r["per_seed"]]
-        commits = ", ".join(f"{s} ({json.loads((RESULTS / f).read_text())['commit']})"
+        commits = ", ".join(f"{s} ({json.loads((RESULTS / (f if isinstance(f, str) else f[0])).read_text())['commit']})"
                             for f, r in zip(files, rows) for s in r["seeds"])
         per_seed = ", ".join(f"{s['gain_mean']:+.2f}" for s in seeds)
         lines.append(

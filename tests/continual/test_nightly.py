@@ -562,11 +562,13 @@ def test_answers_let_stand_are_trained_on_and_join_the_gates_evidence(night_rt):
     assert m["n_holdout"] == m["gate_size"] == held_labels + held_standing and held_standing > 0
     assert m["n_train_new"] == 8 - held_labels
     assert m["n_train_standing"] == min(m["n_train_new"], len(standing) - held_standing)
+    # doubted by default: at most the base's error rate x the gate's posts spread over the answers let stand
+    assert 0 <= m["gate_silence_doubt"] <= min(0.5, rt.personal.base_error * m["gate_size"] / held_standing) + 1e-9
 
     rt.update_config = UpdateConfig(epochs=1, standing_ratio=0.0, holdout_fraction=0.3, min_examples_for_holdout=1)
     _teach(rt, "quiet", SARCASTIC_TRAIN[8:10], "negative")
     off = run_night(rt).results[0].metrics
-    assert off["n_train_standing"] == 0 and off["gate_size"] == off["n_holdout"]
+    assert off["n_train_standing"] == 0 and off["gate_size"] == off["n_holdout"] and off["gate_silence_doubt"] == 0
     assert off["n_holdout"] == sum(is_held_back("quiet", e, 0.3) for e in night_queries_examples(rt, "quiet"))
 
 
@@ -748,10 +750,10 @@ def test_doubted_answers_let_stand_count_by_the_estimated_share_of_wrong_ones():
     examples = [ex(1, "neg", False), ex(2, "pos", False)] + [ex(i, "neg", True) for i in range(3, 9)]
     gold = [0, 1] + [0] * 6
     base = [1, 1] + [0] * 6  # wrong on the first label only
-    on = UpdateConfig(doubt_silence=True)
+    on = UpdateConfig()  # the default
     doubt = silence_doubt(on, 0.25, examples, gold, base)
     assert doubt == pytest.approx(1 / 6)
-    assert silence_doubt(UpdateConfig(), 0.25, examples, gold, base) == 0.0  # off: silence is agreement
+    assert silence_doubt(UpdateConfig(doubt_silence=False), 0.25, examples, gold, base) == 0.0  # off: silence is agreement
     assert silence_doubt(on, None, examples, gold, base) == 0.0  # no recorded error: nothing to go on
     assert silence_doubt(on, 0.9, examples, gold, base) == 0.5  # never counts against its own answer
     assert silence_doubt(on, 0.0, examples, gold, base) == 0.0  # fewer wrong than the labels show: none
