@@ -75,7 +75,8 @@ def personalize_table(path: Path = RESULTS / "personalization-multipico_en.json"
         f"{data['test_rows_per_user_median']:g} posts). Commit {data.get('commit') or '?'}, the product's default update "
         f"({defaults['epochs']} epochs, replay {defaults['replay']}, {defaults['n_global']} global examples, "
         f"held back {defaults['holdout_fraction']:g}, answers let stand {defaults.get('standing_ratio', 0):g} per label, "
-        f"gate evidence z {defaults.get('gate_evidence_z', 0):g}, {_decision(defaults)}); `{data['command']}`.",
+        f"gate evidence z {defaults.get('gate_evidence_z', 0):g}, {_decision(defaults)}"
+        f"{', answers let stand doubted' if defaults.get('doubt_silence') else ''}); `{data['command']}`.",
     ]
     for key, proto in data["protocols"].items():
         p = proto["protocol"]
@@ -330,6 +331,8 @@ TABLES = {
     # every post labelled, run separately this time (two seeds fitted in the session): the main
     # file holds the realistic protocol
     "personalize_labelled": lambda: personalize_table(RESULTS / "personalization-multipico_en-labelled.json"),
+    # the realistic protocol with every wrong answer corrected (p = 1.0), three seeds
+    "personalize_p1": lambda: personalize_table(RESULTS / f"{P}-p1.json"),
     "systems": systems_table,
     "fallback": lambda: step_table("fallback"),
     "decision": lambda: step_table("decision"),
