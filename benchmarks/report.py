@@ -149,6 +149,14 @@ STEPS = {
         "realistic_p0.3": ([f"{P}-fallback-seed0.json", f"{P}-fallback-seed1-realistic.json"],
                            [(f"{P}-folds-fallback.json", "nightowl_folds_fallback")]),
     },
+    # replay's worth in the product's default (doubt_silence): the nightowl row against the LoRA
+    # without replay, seeds 0-2, the same code, both realistic protocols
+    "replay": {
+        "realistic_p0.3": ([(f"{P}-p03-no-replay.json", "lora_no_replay")],
+                           [(f"{P}-doubt-silence.json", "nightowl_doubt_silence"),
+                            (f"{P}-doubt-silence-seed2.json", "nightowl_doubt_silence")]),
+        "realistic_p1": ([(f"{P}-p1.json", "lora_no_replay")], [(f"{P}-p1.json", "nightowl")]),
+    },
     # the gate doubting the answers let stand (doubt_silence) against the default before it, seeds
     # 0-2; with every post labelled nothing stands, so only the realistic protocol
     "doubt_silence": {
@@ -343,6 +351,7 @@ TABLES = {
     "offsets_folds": lambda: step_table("offsets_folds"),
     "folds_fallback": lambda: step_table("folds_fallback"),
     "doubt_silence": lambda: step_table("doubt_silence"),
+    "replay": lambda: step_table("replay"),
 }
 
 
