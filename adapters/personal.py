@@ -160,15 +160,6 @@ class PersonalKit:
         model.train(was)
         return pred
 
-    def scores(self, model: torch.nn.Module, examples: list[Example], pred: list[int] | None = None) -> dict:
-        """Accuracy and macro-F1 (fractions) of a model on labelled examples (`pred`: its
-        predictions, when already made)."""
-        if not examples:
-            return {"accuracy": float("nan"), "macro_f1": float("nan")}
-        pred = self.predictions(model, examples) if pred is None else pred
-        s = scores([self.labels.index(e.label) for e in examples], pred, len(self.labels))
-        return {"accuracy": s["accuracy"], "macro_f1": s["macro_f1"]}
-
     @property
     def base_error(self) -> float | None:
         """The base model's error rate on its selection data at the epoch training kept (recorded

@@ -18,7 +18,7 @@ import os
 import sqlite3
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -194,7 +194,7 @@ def _flock(path: Path, timeout: float) -> int | None:
 @contextmanager
 def session_scope(engine: Engine) -> Iterator[Session]:
     """A session that commits on success and rolls back on any error: nothing written half-way."""
-    with _write_lock(engine), Session(engine, expire_on_commit=False) as session:
+    with write_lock(engine), Session(engine, expire_on_commit=False) as session:
         try:
             yield session
             session.commit()
@@ -253,15 +253,6 @@ def _compiled(engine: Engine, statement: Executable) -> tuple[str, list[str] | N
     return hit[1], hit[2]
 
 
-@contextmanager
-def _write_lock(engine: Engine) -> Iterator[None]:
-    lock = getattr(engine, "nightowl_write_lock", None)
-    if lock is None:
-        yield
-        return
-    if not lock.acquire(BUSY_TIMEOUT_S):
-        raise Unavailable(f"the database is busy: no write slot within {BUSY_TIMEOUT_S} s; retry later")
-    try:
-        yield
-    finally:
-        lock.release()
+def write_lock(engine: Engine):
+    """The engine's WriteLock (it raises Unavailable after BUSY_TIMEOUT_S); nothing on PostgreSQL."""
+    return getattr(engine, "nightowl_write_lock", None) or nullcontext()

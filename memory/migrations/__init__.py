@@ -19,13 +19,13 @@ transaction that way). The second process waits, then finds the schema at head a
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
 from pathlib import Path
 
 from sqlalchemy import Connection, func, inspect, select, text
 from sqlalchemy.engine import Engine
 
 from nightowl.errors import NightowlError
+from nightowl.memory.db import write_lock
 
 # Alembic announces each of its built-in plugins at INFO when imported: noise in every
 # `nightowl serve` start's log. Quieten that one logger before the first alembic import.
@@ -84,8 +84,9 @@ def current(engine: Engine) -> str | None:
 
 def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str | None]:
     """Bring the database to `revision` (default: head); returns (revision before, revision after)."""
-    # Threads of this process queue on the engine's write lock as every other writer does.
-    with getattr(engine, "nightowl_write_lock", nullcontext()), engine.begin() as conn:
+    # Writers (this process's threads, other processes on the same SQLite file) queue on the
+    # engine's write lock as every other writer does.
+    with write_lock(engine), engine.begin() as conn:
         if conn.dialect.name == "postgresql":
             # Held until this transaction ends: a second process waits here, then sees our commit.
             conn.execute(select(func.pg_advisory_xact_lock(_PG_LOCK_KEY)))
