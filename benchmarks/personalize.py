@@ -69,6 +69,9 @@ class Row:
     kind: str  # "base" | "nightly" | "joint"
     update: dict = field(default_factory=dict)
     about: str = ""
+    # The default provider's rationale on every feedback post, stored before the night as the
+    # server's worker does by day (benchmarks/rationales.py); False: rationale_provider "none".
+    rationales: bool = False
 
     def update_config(self) -> UpdateConfig:
         return UpdateConfig(**self.update)
@@ -76,7 +79,8 @@ class Row:
 
 ROWS: dict[str, Row] = {
     "base": Row("base", about="the global model for everyone (no personalization)"),
-    "nightowl": Row("nightly", about="the product's default nightly update, unchanged"),
+    "nightowl": Row("nightly", about="the product's default nightly update, unchanged (no rationales)"),
+    "nightowl_rationales": Row("nightly", about="the default nightly update, with the local generator's (SmolLM2) rationale stored on every feedback post", rationales=True),
     "lora_no_replay": Row("nightly", {"replay": "none"}, "defaults without replay"),
     "lora_random_replay": Row("nightly", {"replay": "random"}, "defaults, replay drawn at random instead of by FAISS"),
     "nightowl_no_prior": Row("nightly", {"prior_strength": 0.0}, "defaults without the user's label-prior correction"),
@@ -96,7 +100,7 @@ DEFAULT_ROWS = ["base", "nightowl", "lora_no_replay"]
 COLORS = {"base": "tab:gray", "lora_no_replay": "tab:blue", "lora_random_replay": "tab:orange", "nightowl": "tab:red",
           "nightowl_no_prior": "tab:green", "nightowl_global_replay": "tab:brown",
           "nightowl_no_standing": "tab:olive", "nightowl_tie_gate": "tab:pink", "nightowl_no_prior_fallback": "tab:cyan", "nightowl_decision_offset": "gold",
-          "nightowl_prior_only": "tab:green", "nightowl_offsets_only": "goldenrod", "nightowl_offsets_holdout": "darkkhaki", "nightowl_folds_fallback": "indigo", "nightowl_trust_silence": "teal",
+          "nightowl_prior_only": "tab:green", "nightowl_offsets_only": "goldenrod", "nightowl_offsets_holdout": "darkkhaki", "nightowl_folds_fallback": "indigo", "nightowl_trust_silence": "teal", "nightowl_rationales": "tab:green",
           "joint_annotator_embedding": "tab:purple"}  # one colour per row in every plot
 WORK = Path(__file__).resolve().parent / "work" / "personalize"
 
@@ -142,6 +146,7 @@ class BenchConfig:
     jobs: int = 1  # runs in this many processes (the CPU's threads are split between them)
     bootstrap: int = 4000
     work: Path = WORK
+    rationales: Path | None = None  # the rationale file of rows with rationales (set by `run`)
     code: str = field(default_factory=lambda: code_digest())  # finished runs are reused by the same code only
 
 
@@ -291,10 +296,12 @@ def run_nightly(name: str, protocol: Protocol, seed: int, stream: Stream, users:
     # is a policy for live traffic, so a benchmark home takes the stream as it is.
     longest = max(len(x or "") for r in stream.rows for x in (r.text, r.context, r.aspect))
     limits = LimitSettings(max_text_chars=max(LimitSettings().max_text_chars, longest))
-    settings = Settings(home=home, rationale_provider="none", labels=stream.labels, base_model_dir=base_dir,
-                        global_replay_data=global_replay, limits=limits)
+    with_rationales = ROWS[name].rationales
+    settings = Settings(home=home, rationale_provider="cache" if with_rationales else "none", labels=stream.labels,
+                        base_model_dir=base_dir, global_replay_data=global_replay, limits=limits)
     rt = Runtime(settings)
     rt.update_config = ROWS[name].update_config()
+    worker = _rationale_worker(rt, cfg) if with_rationales else None
     inputs, rng = Inputs(), random.Random(f"feedback/{protocol.key}/{seed}")
     days = {u: days_for(stream, u, seed) for u in users}
     for u in users:
@@ -315,6 +322,7 @@ def run_nightly(name: str, protocol: Protocol, seed: int, stream: Stream, users:
                     if label is not None:
                         logger.log_feedback(rt, u, post.post_id, label, None, f"f{night}-{i}")
                         served[u][2] += 1
+            rationales = worker.run_once() if worker else None  # the day's, as the server's worker writes them
             t0 = time.perf_counter()
             summary = run_night(rt)
             night_s = time.perf_counter() - t0
@@ -334,11 +342,24 @@ def run_nightly(name: str, protocol: Protocol, seed: int, stream: Stream, users:
             per_night.append({
                 "night": night, "per_user": test, "statuses": summary.counts(), "night_seconds": round(night_s, 1),
                 "served": {u: {"answers": v[0], "right": v[1], "labels_given": v[2]} for u, v in served.items()},
+                **({"rationales_stored": rationales} if worker else {}),
             })
     finally:
         bar.close()
         rt.close()
     return {"per_night": per_night, "acc": acc, "seconds": seconds}
+
+
+def _rationale_worker(rt: Runtime, cfg: BenchConfig):
+    """The product's rationale worker over a cache holding the default provider's rationales
+    (written once, `benchmarks/rationales.py`); one pass stores every post that is due."""
+    from nightowl.day.rationale_worker import RationaleWorker
+    from nightowl.rationales import RationaleCache
+
+    if cfg.rationales is None:
+        raise StreamError("a row with rationales needs the rationale file (run() writes it)")
+    RationaleCache(rt.settings.rationale_cache_dir).import_jsonl(cfg.rationales)
+    return RationaleWorker(rt, batch=1_000_000)
 
 
 def run_joint(stream: Stream, users: list[str], base_dir: Path, cfg: BenchConfig, seed: int) -> dict:
@@ -409,8 +430,13 @@ def _task_cache(task: Task, users: list[str], base_dir: Path, cfg: BenchConfig) 
     update = row.update_config().model_dump() if row.kind == "nightly" else None
     key = hashlib.sha256(json.dumps([task.row, asdict(task.protocol) if row.kind == "nightly" else None, task.seed, users,
                                      model_digest(base_dir), update, cfg.joint_epochs, cfg.code,
+                                     _digest(cfg.rationales) if row.rationales else None,
                                      hashlib.sha256(Path(cfg.stream).read_bytes()).hexdigest()]).encode())
     return cfg.work / "runs" / f"{task.row}-{key.hexdigest()[:16]}.json"
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def run_task(task: Task, users: list[str], base_dir: Path, global_replay: Path | None, cfg: BenchConfig,
@@ -607,6 +633,10 @@ def run(cfg: BenchConfig) -> dict:
     cfg.work.mkdir(parents=True, exist_ok=True)
     base_dir = train_base(stream, cfg)
     global_replay = write_global_replay(stream, cfg)
+    if any(ROWS[r].rationales for r in cfg.rows):
+        from benchmarks.rationales import rationales_file
+
+        cfg.rationales = rationales_file(stream, users, cfg.work, Settings(home=cfg.work / "homes" / "rationales"), cfg.jobs)
     tasks = plan(cfg)
     print(f"personalize: {len(users)} users, {stream.days} nights, {len(tasks)} runs "
           f"({len(cfg.seeds)} seeds x {[p.key for p in cfg.protocols]} x {cfg.rows}), {cfg.jobs} process(es)", flush=True)
@@ -649,6 +679,10 @@ def run(cfg: BenchConfig) -> dict:
         "feedback_rows_per_user_median": statistics.median(n_feedback),
         "update_config_default": UpdateConfig().model_dump(),
         "base_model_dir": str(base_dir),
+        "rationales": ({"file": str(cfg.rationales), "posts": len(cfg.rationales.read_text("utf-8").splitlines()),
+                        "provider": "local (the default generator), greedy; feedback posts only (test posts are "
+                                    "answered before a rationale exists, as in the product)"}
+                       if cfg.rationales else None),
         "metrics": "macro-F1/accuracy in percent on each user's private test set after the last night; gain = row "
                    "minus base per user (macro-F1 points), averaged over seeds per user, mean over users with a 95% "
                    "percentile bootstrap interval over users; shares of users better/worse than the base per seed, "

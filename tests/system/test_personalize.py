@@ -99,3 +99,25 @@ def test_the_run_cache_is_keyed_by_every_nightowl_source_file():
     import nightowl.continual.update as update
 
     assert Path(update.__file__).resolve() in files
+
+
+def test_the_rationale_row_trains_on_the_default_providers_rationales(tmp_path):
+    """`nightowl_rationales`: the local generator writes one rationale per feedback post (once,
+    kept for later runs), and the product's worker stores each on its post before the night."""
+    from benchmarks.stream import read_stream
+
+    stream = write_stream(tmp_path / "tiny.jsonl", users=("ann_a",), days=1)
+    out, work = tmp_path / "r.json", tmp_path / "work"
+    args = ["--stream", str(stream), "--out", str(out), "--min-feedback", "1", "--min-test", "1", "--seed", "0",
+            "--row", "nightowl_rationales", "--protocol", "labelled", "--base-epochs", "1", "--work", str(work)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    [written] = work.glob("rationales-*.jsonl")
+    lines = [json.loads(x) for x in written.read_text().splitlines()]
+    posts = {r.text for r in read_stream(stream).rows if r.user_id == "ann_a" and r.split == "feedback"}
+    assert {r["text"] for r in lines} == posts and all(r["rationale"].strip() for r in lines)
+    row = {r["name"]: r for r in json.loads(out.read_text())["protocols"]["labelled"]["rows"]}["nightowl_rationales"]
+    assert row["update_changes"] == {}
+    # the run kept per night how many rationales the worker stored: every post of the day
+    [run] = [json.loads(f.read_text()) for f in (work / "runs").glob("nightowl_rationales-*.json")]
+    assert run["per_night"][0]["rationales_stored"] == len(posts) == 8
