@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from sqlalchemy.exc import SQLAlchemyError
 
 from nightowl.api.body_limit import BodySizeLimit
+from nightowl.api.fast_feedback import FeedbackFastPath
 from nightowl.api.errors import (
     domain_error,
     invalid_request,
@@ -44,6 +45,8 @@ def create_app(rt: Runtime, background: bool = True) -> FastAPI:
     app.add_exception_handler(SQLAlchemyError, machine_error)
     app.add_exception_handler(OSError, machine_error)
     app.add_exception_handler(Exception, unexpected_error)
+    # Inside the body limit, which has read the caller by then: see api.fast_feedback.
+    app.add_middleware(FeedbackFastPath)
     # The largest body a request may carry: an image at its limit, base64 (4/3 larger), plus fields.
     app.add_middleware(BodySizeLimit, limit=rt.settings.limits.max_image_bytes * 4 // 3 + 256 * 1024)
     for resource in (health, users, posts, feedback, adapters):

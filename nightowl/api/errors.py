@@ -10,6 +10,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from sqlalchemy.exc import SQLAlchemyError
 
 from nightowl.errors import NightowlError, Unauthorized, Unavailable, as_domain_error
 from nightowl.schemas import ErrorOut
@@ -21,6 +22,15 @@ ERROR_RESPONSES = {code: {"model": ErrorOut} for code in (401, 403, 404, 409, 41
 
 # Seconds a client should wait before retrying a 503.
 RETRY_AFTER_S = 5
+
+
+async def error_response(request: Request, exc: Exception) -> JSONResponse:
+    """The answer the app's exception handlers give for ``exc`` (create_app registers each)."""
+    if isinstance(exc, NightowlError):
+        return await domain_error(request, exc)
+    if isinstance(exc, (SQLAlchemyError, OSError)):
+        return await machine_error(request, exc)
+    return await unexpected_error(request, exc)
 
 
 async def domain_error(_: Request, exc: NightowlError) -> JSONResponse:

@@ -3,7 +3,7 @@
 from typing import Annotated
 
 from fastapi import APIRouter, Path
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 
 from nightowl.api.deps import (
     CallerDep,
@@ -14,7 +14,9 @@ from nightowl.api.deps import (
     UserIdPath,
 )
 from nightowl.api.errors import ERROR_RESPONSES
+from nightowl.auth import Principal
 from nightowl.day import logger
+from nightowl.runtime import Runtime
 from nightowl.schemas import MAX_ID, FeedbackIn, FeedbackList, FeedbackOut
 
 router = APIRouter(tags=["feedback"], responses=ERROR_RESPONSES, route_class=JSONBodyRoute)
@@ -26,13 +28,20 @@ router = APIRouter(tags=["feedback"], responses=ERROR_RESPONSES, route_class=JSO
     status_code=201,
     responses={200: {"model": FeedbackOut, "description": "A retry of a stored idempotency key: the stored feedback."}},
 )
-async def log_feedback(user_id: UserIdPath, body: FeedbackIn, rt: RuntimeDep, caller: CallerDep) -> JSONResponse:
+async def log_feedback(user_id: UserIdPath, body: FeedbackIn, rt: RuntimeDep, caller: CallerDep) -> Response:
     """Record the label the user says is right. A retry with the same idempotency_key returns 200."""
-    # Async: the busiest route; with group commit its request waits for the commit without a thread.
+    # Most requests never get here: api.fast_feedback answers the well-formed ones with
+    # record_feedback itself, before FastAPI's routing.
+    return await record_feedback(rt, caller, user_id, body)
+
+
+async def record_feedback(rt: Runtime, caller: Principal, user_id: str, body: FeedbackIn) -> Response:
+    """The route's work, shared with api.fast_feedback. Async: the busiest route; with group
+    commit its request waits for the commit without a thread."""
     caller.require_user(user_id)
     write = logger.checked_feedback(rt, user_id, body.post_id, body.label, body.reason, body.idempotency_key)
     out = await logger.store_feedback_async(rt, write)
-    return JSONResponse(out.model_dump(mode="json"), status_code=200 if out.duplicate else 201)
+    return Response(out.model_dump_json(), status_code=200 if out.duplicate else 201, media_type="application/json")
 
 
 @router.get("/v1/users/{user_id}/posts/{post_id}/feedback", response_model=FeedbackList)
