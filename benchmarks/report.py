@@ -157,6 +157,13 @@ STEPS = {
                             (f"{P}-doubt-silence-seed2.json", "nightowl_doubt_silence")]),
         "realistic_p1": ([(f"{P}-p1.json", "lora_no_replay")], [(f"{P}-p1.json", "nightowl")]),
     },
+    # the default provider's rationales (local SmolLM2, one on every feedback post, stored before
+    # each night by the product's worker: nightowl_rationales) against the default without them,
+    # every post labelled, seeds 0-1 (the third seed and p = 0.3 did not fit in the session)
+    "rationales": {
+        "labelled": ([f"{P}-fallback-seed0.json", f"{P}-fallback-seed1-labelled.json"],
+                     [(f"{P}-rationales-labelled.json", "nightowl_rationales")]),
+    },
     # the gate doubting the answers let stand (doubt_silence) against the default before it, seeds
     # 0-2; with every post labelled nothing stands, so only the realistic protocol
     "doubt_silence": {
@@ -352,6 +359,7 @@ TABLES = {
     "folds_fallback": lambda: step_table("folds_fallback"),
     "doubt_silence": lambda: step_table("doubt_silence"),
     "replay": lambda: step_table("replay"),
+    "rationales": lambda: step_table("rationales"),
 }
 
 

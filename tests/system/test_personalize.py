@@ -121,3 +121,14 @@ def test_the_rationale_row_trains_on_the_default_providers_rationales(tmp_path):
     # the run kept per night how many rationales the worker stored: every post of the day
     [run] = [json.loads(f.read_text()) for f in (work / "runs").glob("nightowl_rationales-*.json")]
     assert run["per_night"][0]["rationales_stored"] == len(posts) == 8
+
+
+def test_an_interrupted_rationale_file_is_resumed_without_its_torn_line(tmp_path):
+    from benchmarks.rationales import _finished
+
+    partial = tmp_path / "rationales-x.jsonl.partial"
+    done = [{"text": "a", "aspect": None, "image": None, "rationale": "r1"},
+            {"text": "b", "aspect": "t", "image": None, "rationale": None}]  # the provider gave none: not retried
+    partial.write_text("".join(json.dumps(r) + "\n" for r in done) + '{"text": "c", "asp')
+    assert _finished(partial) == {("a", None, None), ("b", "t", None)}
+    assert [json.loads(x) for x in partial.read_text().splitlines()] == done  # the torn tail is gone
