@@ -69,7 +69,7 @@ class Row:
     kind: str  # "base" | "nightly" | "joint"
     update: dict = field(default_factory=dict)
     about: str = ""
-    # The default provider's rationale on every feedback post, stored before the night as the
+    # The local generator's rationale on every feedback post, stored before the night as the
     # server's worker does by day (benchmarks/rationales.py); False: rationale_provider "none".
     rationales: bool = False
 
@@ -100,7 +100,7 @@ DEFAULT_ROWS = ["base", "nightowl", "lora_no_replay"]
 COLORS = {"base": "tab:gray", "lora_no_replay": "tab:blue", "lora_random_replay": "tab:orange", "nightowl": "tab:red",
           "nightowl_no_prior": "tab:green", "nightowl_global_replay": "tab:brown",
           "nightowl_no_standing": "tab:olive", "nightowl_tie_gate": "tab:pink", "nightowl_no_prior_fallback": "tab:cyan", "nightowl_decision_offset": "gold",
-          "nightowl_prior_only": "tab:green", "nightowl_offsets_only": "goldenrod", "nightowl_offsets_holdout": "darkkhaki", "nightowl_folds_fallback": "indigo", "nightowl_trust_silence": "teal", "nightowl_rationales": "tab:green",
+          "nightowl_prior_only": "tab:green", "nightowl_offsets_only": "goldenrod", "nightowl_offsets_holdout": "darkkhaki", "nightowl_folds_fallback": "indigo", "nightowl_trust_silence": "teal", "nightowl_rationales": "darkgreen",
           "joint_annotator_embedding": "tab:purple"}  # one colour per row in every plot
 WORK = Path(__file__).resolve().parent / "work" / "personalize"
 
@@ -351,7 +351,7 @@ def run_nightly(name: str, protocol: Protocol, seed: int, stream: Stream, users:
 
 
 def _rationale_worker(rt: Runtime, cfg: BenchConfig):
-    """The product's rationale worker over a cache holding the default provider's rationales
+    """The product's rationale worker over a cache holding the local generator's rationales
     (written once, `benchmarks/rationales.py`); one pass stores every post that is due."""
     from nightowl.day.rationale_worker import RationaleWorker
     from nightowl.rationales import RationaleCache
@@ -431,7 +431,7 @@ def _task_cache(task: Task, users: list[str], base_dir: Path, cfg: BenchConfig) 
     key = hashlib.sha256(json.dumps([task.row, asdict(task.protocol) if row.kind == "nightly" else None, task.seed, users,
                                      model_digest(base_dir), update, cfg.joint_epochs, cfg.code,
                                      _digest(cfg.rationales) if row.rationales else None,
-                                     hashlib.sha256(Path(cfg.stream).read_bytes()).hexdigest()]).encode())
+                                     _digest(cfg.stream)]).encode())
     return cfg.work / "runs" / f"{task.row}-{key.hexdigest()[:16]}.json"
 
 
@@ -680,7 +680,7 @@ def run(cfg: BenchConfig) -> dict:
         "update_config_default": UpdateConfig().model_dump(),
         "base_model_dir": str(base_dir),
         "rationales": ({"file": str(cfg.rationales), "posts": len(cfg.rationales.read_text("utf-8").splitlines()),
-                        "provider": "local (the default generator), greedy; feedback posts only (test posts are "
+                        "provider": "local (settings.generator_model), greedy; feedback posts only (test posts are "
                                     "answered before a rationale exists, as in the product)"}
                        if cfg.rationales else None),
         "metrics": "macro-F1/accuracy in percent on each user's private test set after the last night; gain = row "

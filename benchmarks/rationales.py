@@ -1,7 +1,7 @@
-"""The default provider's rationales for a stream's feedback posts, written once and kept.
+"""The local generator's rationales for a stream's feedback posts, written once and kept.
 
 In the product the rationale worker writes one rationale per post in the background, by day, with
-the default provider (the local SmolLM2 generator, greedy: the same post always gets the same
+the `local` provider (SmolLM2 unless `generator_model` names another, greedy: the same post always gets the same
 rationale). At ~3-4 s a post on this CPU, generating inside every benchmark run would cost hours
 per run, so the benchmark's users' feedback posts are written once here, by that same provider,
 in parallel processes, into a JSONL that `RationaleCache.import_jsonl` reads. A run with
@@ -42,7 +42,7 @@ def feedback_items(stream: Stream, users: list[str]) -> list[Item]:
 
 
 def rationales_file(stream: Stream, users: list[str], work: Path, settings: Settings, jobs: int = 1) -> Path:
-    """A JSONL of the default provider's rationale for every feedback post of ``users``; written
+    """A JSONL of the local generator's rationale for every feedback post of ``users``; written
     once (resumed if interrupted) and reused by every run of the same posts and generator."""
     items = feedback_items(stream, users)
     name = LocalGenerator.from_settings(settings).name

@@ -7,21 +7,14 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from sqlalchemy.exc import SQLAlchemyError
 
 from nightowl.api.body_limit import BodySizeLimit
 from nightowl.api.fast_feedback import FeedbackFastPath
-from nightowl.api.errors import (
-    domain_error,
-    invalid_request,
-    machine_error,
-    unexpected_error,
-)
+from nightowl.api.errors import EXCEPTION_HANDLERS, invalid_request
 from nightowl.api.openapi import enforced_openapi
 from nightowl.api.routes import adapters, feedback, health, posts, users
 from nightowl.auth import load_or_create_admin_token
 from nightowl.day.rationale_worker import RationaleWorker
-from nightowl.errors import NightowlError
 from nightowl.runtime import Runtime
 from nightowl.scheduler.nightly import build_scheduler, next_run, stopping
 
@@ -39,12 +32,9 @@ def create_app(rt: Runtime, background: bool = True) -> FastAPI:
     )
     app.state.runtime = rt
     app.state.admin_token_hash = admin_token_hash
-    app.add_exception_handler(NightowlError, domain_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
-    # A busy or unreachable database is 503, a full disk 507; any other failure a JSON 500.
-    app.add_exception_handler(SQLAlchemyError, machine_error)
-    app.add_exception_handler(OSError, machine_error)
-    app.add_exception_handler(Exception, unexpected_error)
+    for kind, handler in EXCEPTION_HANDLERS:
+        app.add_exception_handler(kind, handler)
     # Inside the body limit, which has read the caller by then: see api.fast_feedback.
     app.add_middleware(FeedbackFastPath)
     # The largest body a request may carry: an image at its limit, base64 (4/3 larger), plus fields.

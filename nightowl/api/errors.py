@@ -25,12 +25,9 @@ RETRY_AFTER_S = 5
 
 
 async def error_response(request: Request, exc: Exception) -> JSONResponse:
-    """The answer the app's exception handlers give for ``exc`` (create_app registers each)."""
-    if isinstance(exc, NightowlError):
-        return await domain_error(request, exc)
-    if isinstance(exc, (SQLAlchemyError, OSError)):
-        return await machine_error(request, exc)
-    return await unexpected_error(request, exc)
+    """The answer the app's exception handlers (EXCEPTION_HANDLERS) give for ``exc``."""
+    handler = next(h for kind, h in EXCEPTION_HANDLERS if isinstance(exc, kind))
+    return await handler(request, exc)
 
 
 async def domain_error(_: Request, exc: NightowlError) -> JSONResponse:
@@ -63,3 +60,13 @@ async def invalid_request(_: Request, exc: RequestValidationError) -> JSONRespon
 
 def validation_message(exc: ValidationError | RequestValidationError) -> str:
     return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
+
+
+# What create_app registers, most specific first (error_response picks the first that matches): a
+# busy or unreachable database is 503, a full disk 507; any other failure a JSON 500.
+EXCEPTION_HANDLERS = (
+    (NightowlError, domain_error),
+    (SQLAlchemyError, machine_error),
+    (OSError, machine_error),
+    (Exception, unexpected_error),
+)

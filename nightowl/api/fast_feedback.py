@@ -40,11 +40,10 @@ class FeedbackFastPath:
             feedback = FeedbackIn.model_validate_json(body)
         except ValidationError:
             return await self.app(scope, _replay(body, receive), send)
-        request = Request(scope, receive)
         try:
             response = await record_feedback(scope["app"].state.runtime, caller, match.group(1), feedback)
         except Exception as exc:
-            response = await error_response(request, exc)
+            response = await error_response(Request(scope, receive), exc)
         await response(scope, receive, send)
 
 
