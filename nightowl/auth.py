@@ -6,6 +6,8 @@ import hashlib
 import hmac
 import re
 import secrets
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +62,9 @@ class Principal:
     """Who a request acts as: the admin, or exactly one user."""
 
     user_id: str | None  # None for the admin
+    # The digest of the user's token that named them (None for the admin): a write that checks
+    # it again in its own transaction (feedback) holds even if the user was deleted meanwhile.
+    token_hash: str | None = None
 
     @property
     def is_admin(self) -> bool:
@@ -72,10 +77,6 @@ class Principal:
     def require_admin(self) -> None:
         if not self.is_admin:
             raise Forbidden("this operation needs the admin token")
-
-
-def is_admin_token(token: str, admin_token_hash: str) -> bool:
-    return hmac.compare_digest(hash_token(token), admin_token_hash)
 
 
 def load_or_create_admin_token(configured: str | None, home: Path) -> tuple[str, str | None]:
@@ -93,3 +94,46 @@ def load_or_create_admin_token(configured: str | None, home: Path) -> tuple[str,
     if not write_once(path, (token + "\n").encode()):  # another process generated one first: use it
         return hash_token(path.read_text().strip()), None
     return hash_token(token), token
+
+
+def same_token_hash(a: str, b: str) -> bool:
+    return hmac.compare_digest(a, b)
+
+
+class TokenCache:
+    """Token digest -> user id, for the one request whose write checks the pair again in its own
+    transaction (feedback: `FeedbackWrite` compares the user's stored digest). Looking a token up
+    in the store cost a feedback request far more than its CPU (~7%) suggests: the read let go of
+    the GIL on the event loop, and the group committer's wait to get it back held up the whole
+    group. A stale entry (a user deleted, or deleted and created again with a new token) is
+    refused by that write with a 401 and dropped. Every other request asks the store, so a
+    deleted user's token stops reading at once. Bounded (least recently used first out); only
+    tokens that the store confirmed get in."""
+
+    def __init__(self, capacity: int = 10_000):
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        self.capacity = capacity
+        self._users: OrderedDict[str, str] = OrderedDict()
+        self._lock = threading.Lock()  # filled from the event loop and, on PostgreSQL, the thread pool
+
+    def get(self, token_hash: str) -> str | None:
+        with self._lock:
+            user_id = self._users.get(token_hash)
+            if user_id is not None:
+                self._users.move_to_end(token_hash)
+            return user_id
+
+    def put(self, token_hash: str, user_id: str) -> None:
+        with self._lock:
+            self._users[token_hash] = user_id
+            self._users.move_to_end(token_hash)
+            while len(self._users) > self.capacity:
+                self._users.popitem(last=False)
+
+    def forget(self, token_hash: str) -> None:
+        with self._lock:
+            self._users.pop(token_hash, None)
+
+    def __len__(self) -> int:
+        return len(self._users)

@@ -16,6 +16,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING
 
 from nightowl.adapters import registry
+from nightowl.auth import TokenCache
 from nightowl.memory.db import make_engine, read_scope
 from nightowl.memory.images import ImageStore
 from nightowl.memory.migrations import init_db
@@ -49,6 +50,8 @@ class Runtime:
         )
         self._predictor_lock = threading.Lock()
         self._predictor: Predictor | None = predictor
+        # Users' token lookups that a feedback write checks again (see TokenCache).
+        self.token_cache = TokenCache()
         # Parts started on first use (the day's group committer) that must stop before the engine.
         self.closers: list = []
 

@@ -7,6 +7,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from nightowl.api.deps import CALLER_SCOPE_KEY, authenticate
+from nightowl.api.routes.feedback import takes_cached_caller
 from nightowl.errors import Unauthorized
 from nightowl.memory.db import reads_never_wait
 from nightowl.settings import LimitSettings
@@ -79,7 +80,12 @@ class BodySizeLimit:
         state = scope["app"].state
         authorization = headers.get(b"authorization")
         try:
-            args = (state.runtime, state.admin_token_hash, authorization.decode("latin-1") if authorization else None)
+            args = (
+                state.runtime,
+                state.admin_token_hash,
+                authorization.decode("latin-1") if authorization else None,
+                takes_cached_caller(scope),
+            )
             if reads_never_wait(state.runtime.engine):
                 caller = authenticate(*args)  # one indexed read of a local file: cheaper here than a thread hop
             else:

@@ -16,8 +16,9 @@ from nightowl.auth import (
     USER_ID_PATTERN,
     Principal,
     bearer_token,
-    is_admin_token,
+    hash_token,
     looks_like_user_token,
+    same_token_hash,
 )
 from nightowl.day import logger
 from nightowl.errors import InvalidInput, Unauthorized, UnsupportedMediaType
@@ -38,18 +39,21 @@ async def get_runtime(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
-def authenticate(rt: Runtime, admin_token_hash: str, authorization: str | None) -> Principal:
+def authenticate(rt: Runtime, admin_token_hash: str, authorization: str | None, cached: bool = False) -> Principal:
     """The admin, or the user whose token it is (Unauthorized otherwise). Cheap checks first: the
-    header's shape, the admin token's hash; the store is asked only about what could be a user's token."""
+    header's shape, the admin token's hash; the store is asked only about what could be a user's
+    token. `cached`: a recent lookup may answer (only for a request whose write checks the token
+    again: see routes.feedback.takes_cached_caller)."""
     token = bearer_token(authorization)
     if token is None:
         raise Unauthorized("missing bearer token (Authorization: Bearer <token>)")
-    if is_admin_token(token, admin_token_hash):
+    token_hash = hash_token(token)
+    if same_token_hash(token_hash, admin_token_hash):
         return Principal(user_id=None)
-    user_id = logger.user_for_token(rt, token) if looks_like_user_token(token) else None
+    user_id = logger.user_for_token(rt, token_hash, cached) if looks_like_user_token(token) else None
     if user_id is None:
         raise Unauthorized("invalid token")
-    return Principal(user_id=user_id)
+    return Principal(user_id=user_id, token_hash=token_hash)
 
 
 async def get_caller(request: Request, rt: RuntimeDep, _: Annotated[Any, Depends(bearer)]) -> Principal:

@@ -10,26 +10,21 @@ else (another route, a body FastAPI would refuse, another content type, a caller
 goes down the app unchanged, with its body replayed, so every error is the route's own.
 """
 
-import re
-
 from pydantic import ValidationError
 from starlette.requests import Request
 
 from nightowl.api.deps import CALLER_SCOPE_KEY
 from nightowl.api.errors import error_response
-from nightowl.api.routes.feedback import record_feedback
+from nightowl.api.routes.feedback import FEEDBACK_PATH, record_feedback
 from nightowl.auth import Principal
 from nightowl.schemas import FeedbackIn
-
-_FEEDBACK_ROUTE = re.compile(r"/v1/users/([^/]+)/feedback")
-
 
 class FeedbackFastPath:
     def __init__(self, app):
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        match = _FEEDBACK_ROUTE.fullmatch(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        match = FEEDBACK_PATH.fullmatch(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
         caller = scope.get(CALLER_SCOPE_KEY)
         if match is None or not isinstance(caller, Principal) or not _is_json(scope):
             return await self.app(scope, receive, send)

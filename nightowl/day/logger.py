@@ -28,7 +28,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlmodel import Session, col, delete, select
 
 from nightowl.adapters import registry
-from nightowl.auth import hash_token, new_token, validate_user_id
+from nightowl.auth import hash_token, new_token, same_token_hash, validate_user_id
 from nightowl.day import broker
 from nightowl.day.group_commit import Outcome, committer_for
 from nightowl.errors import (
@@ -37,6 +37,7 @@ from nightowl.errors import (
     NightowlError,
     NotFound,
     PayloadTooLarge,
+    Unauthorized,
     as_domain_error,
 )
 from nightowl.memory.db import read_scope, read_value, session_scope
@@ -172,10 +173,17 @@ def create_user(rt: Runtime, user_id: str, name: str | None = None) -> UserCreat
 _USER_BY_TOKEN_HASH = select(User.id).where(User.token_hash == bindparam("token_hash"))
 
 
-def user_for_token(rt: Runtime, token: str) -> str | None:
-    # A prebuilt statement read on a raw connection: this runs on every request. It never waits
-    # for a writer: a bad token's 401 is immediate.
-    return read_value(rt.engine, _USER_BY_TOKEN_HASH, {"token_hash": hash_token(token)})
+def user_for_token(rt: Runtime, token_hash: str, cached: bool = False) -> str | None:
+    """The user whose token has this digest, or None. `cached`: the runtime's TokenCache may
+    answer, for a request whose write checks the token again in its own transaction (feedback)."""
+    if cached and (user_id := rt.token_cache.get(token_hash)) is not None:
+        return user_id
+    # A prebuilt statement read on a raw connection: this runs on every other request. It never
+    # waits for a writer: a bad token's 401 is immediate.
+    user_id = read_value(rt.engine, _USER_BY_TOKEN_HASH, {"token_hash": token_hash})
+    if user_id is not None:
+        rt.token_cache.put(token_hash, user_id)
+    return user_id
 
 
 def require_user(s: Session, user_id: str) -> User:
@@ -451,9 +459,14 @@ async def store_feedback_async(rt: Runtime, write: FeedbackWrite) -> FeedbackOut
     """`log_feedback`'s store for the event loop (the HTTP API), after `checked_feedback`: a
     group-committed request waits for its group without a thread; one committed alone runs in
     the thread pool."""
-    if rt.settings.ingest_group_commit:
-        return await committer_for(rt).submit_async(write, write.stored_meanwhile)
-    return await anyio.to_thread.run_sync(_write_feedback_alone, rt, write)
+    try:
+        if rt.settings.ingest_group_commit:
+            return await committer_for(rt).submit_async(write, write.stored_meanwhile)
+        return await anyio.to_thread.run_sync(_write_feedback_alone, rt, write)
+    except Unauthorized:
+        # The token no longer names the user (a cached lookup gone stale): the store answers next time.
+        rt.token_cache.forget(write.token_hash)
+        raise
 
 
 def queue_feedback(rt: Runtime, writes: Sequence[FeedbackWrite]) -> Future:
@@ -467,10 +480,18 @@ def queue_feedback(rt: Runtime, writes: Sequence[FeedbackWrite]) -> Future:
 
 
 def checked_feedback(
-    rt: Runtime, user_id: str, post_id: int, label: str, reason: str | None, idempotency_key: str | None
+    rt: Runtime,
+    user_id: str,
+    post_id: int,
+    label: str,
+    reason: str | None,
+    idempotency_key: str | None,
+    token_hash: str | None = None,
 ) -> FeedbackWrite:
     """A feedback request with everything checked that needs no database, before anything is
-    queued or written (InvalidInput otherwise); a request without a key gets a fresh one."""
+    queued or written (InvalidInput otherwise); a request without a key gets a fresh one.
+    `token_hash`: the digest of the user's token that sent it (HTTP), checked again by the write;
+    None for callers trusted as the admin (CLI, broker)."""
     validate_user_id(user_id)
     if label not in rt.labels:
         raise InvalidInput(f"label {label!r} is not one of {rt.labels}")
@@ -479,7 +500,7 @@ def checked_feedback(
         raise InvalidInput(f"reason is {len(reason)} characters; the limit is {limit}")
     _check_unicode("reason", reason)
     key = _check_key(rt, idempotency_key, "feedback") or uuid.uuid4().hex
-    return FeedbackWrite(user_id, post_id, label, reason, key)
+    return FeedbackWrite(user_id, post_id, label, reason, key, token_hash)
 
 
 def _write_feedback_alone(rt: Runtime, write: FeedbackWrite) -> FeedbackOut:
@@ -492,7 +513,7 @@ def _write_feedback_alone(rt: Runtime, write: FeedbackWrite) -> FeedbackOut:
 
 
 # A group's statements, built once (building and hashing a statement per group cost more than running it).
-_USERS_IN = select(User.id).where(col(User.id).in_(bindparam("ids", expanding=True)))
+_USERS_IN = select(User.id, User.token_hash).where(col(User.id).in_(bindparam("ids", expanding=True)))
 _POST_OWNERS_IN = select(Post.id, Post.user_id).where(col(Post.id).in_(bindparam("ids", expanding=True)))
 # Two IN lists, not a row-value IN over the pairs: SQLite answers `(user_id, key) IN (...)` with a
 # scan of the whole feedback table (a group's cost grew with every row ever stored), and the two
@@ -518,9 +539,14 @@ class FeedbackWrite:
     label: str
     reason: str | None
     key: str
+    # The digest of the token that sent it, when a user's token did: the write is refused (401) if
+    # the user's token is no longer that one (deleted, or deleted and created again), so the
+    # token's lookup may come from a cache (TokenCache).
+    token_hash: str | None = None
 
     def __call__(self, s: Session) -> FeedbackOut:
-        require_user(s, self.user_id)
+        user = s.get(User, self.user_id)
+        self._check_user(None if user is None else user.token_hash)
         existing = _feedback_by_key(s, self.user_id, self.key)
         if existing is not None:
             return _same_feedback_or_conflict(existing, self.post_id, self.label, self.reason)
@@ -549,7 +575,7 @@ class FeedbackWrite:
         Core statements on the session's connection: the ORM's own work per statement and per
         row was most of a group's cost."""
         conn = s.connection()
-        users = set(conn.execute(_USERS_IN, {"ids": list({w.user_id for w in writes})}).scalars())
+        users = dict(conn.execute(_USERS_IN, {"ids": list({w.user_id for w in writes})}).all())
         owners = dict(conn.execute(_POST_OWNERS_IN, {"ids": list({w.post_id for w in writes})}).all())
         # Rows stored before (Core rows) or earlier in this group (FeedbackRow): both read as a Feedback.
         pairs = {(w.user_id, w.key) for w in writes}
@@ -575,11 +601,10 @@ class FeedbackWrite:
         _insert_feedback_rows(conn, new_rows)  # sets the new rows' ids, which the answers carry
         return [(True, _feedback_out(*v)) if ok else (False, v) for ok, v in outcomes]
 
-    def _check(self, users: set[str], owners: dict[int, str], stored: dict):
-        """What `__call__` checks, on rows read in advance: the stored twin of a retry, None for
-        a new row, or the error this write gets."""
-        if self.user_id not in users:
-            raise NotFound(f"unknown user {self.user_id!r}")
+    def _check(self, users: dict[str, str], owners: dict[int, str], stored: dict):
+        """What `__call__` checks, on rows read in advance (users: id -> token digest): the stored
+        twin of a retry, None for a new row, or the error this write gets."""
+        self._check_user(users.get(self.user_id))
         existing = stored.get((self.user_id, self.key))
         if existing is not None:
             _same_feedback_or_conflict(existing, self.post_id, self.label, self.reason)
@@ -587,6 +612,17 @@ class FeedbackWrite:
         if owners.get(self.post_id) != self.user_id:
             raise NotFound(f"post {self.post_id} not found for user {self.user_id!r}")
         return None
+
+    def _check_user(self, stored_token_hash: str | None) -> None:
+        """The user exists (None: not) and, for a request a user's token sent, the token is still
+        theirs: a token whose user was deleted, or deleted and created again, gets the 401 that
+        looking it up in the store now would give."""
+        if self.token_hash is not None and (
+            stored_token_hash is None or not same_token_hash(self.token_hash, stored_token_hash)
+        ):
+            raise Unauthorized("invalid token")
+        if stored_token_hash is None:
+            raise NotFound(f"unknown user {self.user_id!r}")
 
 
 @dataclass

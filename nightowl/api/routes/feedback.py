@@ -1,5 +1,6 @@
 """Feedback: the label a user says is right for one of their posts, and a post's feedback page by page."""
 
+import re
 from typing import Annotated
 
 from fastapi import APIRouter, Path
@@ -21,6 +22,15 @@ from nightowl.schemas import MAX_ID, FeedbackIn, FeedbackList, FeedbackOut
 
 router = APIRouter(tags=["feedback"], responses=ERROR_RESPONSES, route_class=JSONBodyRoute)
 
+# The POST route's path, for the middlewares that meet its requests before FastAPI routes them.
+FEEDBACK_PATH = re.compile(r"/v1/users/([^/]+)/feedback")
+
+
+def takes_cached_caller(scope) -> bool:
+    """Whether this request's caller may come from the TokenCache: a feedback POST, whose write
+    checks the token against the user's stored digest in its own transaction (FeedbackWrite)."""
+    return scope["method"] == "POST" and FEEDBACK_PATH.fullmatch(scope["path"]) is not None
+
 
 @router.post(
     "/v1/users/{user_id}/feedback",
@@ -39,7 +49,9 @@ async def record_feedback(rt: Runtime, caller: Principal, user_id: str, body: Fe
     """The route's work, shared with api.fast_feedback. Async: the busiest route; with group
     commit its request waits for the commit without a thread."""
     caller.require_user(user_id)
-    write = logger.checked_feedback(rt, user_id, body.post_id, body.label, body.reason, body.idempotency_key)
+    write = logger.checked_feedback(
+        rt, user_id, body.post_id, body.label, body.reason, body.idempotency_key, caller.token_hash
+    )
     out = await logger.store_feedback_async(rt, write)
     return Response(out.model_dump_json(), status_code=200 if out.duplicate else 201, media_type="application/json")
 
