@@ -779,7 +779,7 @@ def delete_user(rt: Runtime, user_id: str) -> dict[str, int]:
     """Remove a user everywhere: rows, replay vectors, adapters, cached rationales, and images no
     one else posted (reference-checked: see ``_collect_images``)."""
     with session_scope(rt.engine) as s:
-        require_user(s, user_id)
+        token_hash = require_user(s, user_id).token_hash
         # PostgreSQL: lock the user's row first. A post being inserted for the user holds a
         # key-share lock on it (its foreign key): we wait for it, and then delete it too; a post
         # inserted after this waits for our commit and then fails its foreign key (404).
@@ -794,6 +794,9 @@ def delete_user(rt: Runtime, user_id: str) -> dict[str, int]:
         counts["adapter_versions"] = s.exec(delete(AdapterVersion).where(AdapterVersion.user_id == user_id)).rowcount
         s.exec(delete(TrainingRun).where(TrainingRun.user_id == user_id))
         s.exec(delete(User).where(User.id == user_id))
+    # This process's cached lookup of the token goes now; other workers' go at its next feedback
+    # (its write finds the token gone: 401).
+    rt.token_cache.forget(token_hash)
     # Files after the rows: a crash in between leaves unreferenced files, never dangling rows.
     rt.forget_user(user_id)
     registry.delete_user_files(rt.settings.adapters_dir, user_id)

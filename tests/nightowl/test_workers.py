@@ -53,3 +53,33 @@ def test_two_workers_share_the_load_and_store_each_event_once(tmp_path, store, r
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*), count(DISTINCT idempotency_key) FROM feedback")).one() == (120, 120)
     engine.dispose()
+
+
+def test_a_token_cached_by_one_worker_writes_nothing_after_its_user_is_deleted_on_another(tmp_path):
+    """Each worker caches feedback callers' tokens (auth.TokenCache); the delete reaches only the
+    worker that answers it. The old token's feedback must still be refused everywhere (401), also
+    once a new user holds the same id: the write checks the token against the stored digest."""
+    env = {"NIGHTOWL_ADMIN_TOKEN": ADMIN_TOKEN, "NIGHTOWL_RATIONALE_PROVIDER": "none"}
+    with ServerProcess(tmp_path / "home", env=env, workers=2) as server:
+
+        def new_user() -> tuple[dict, int]:
+            with httpx.Client(base_url=server.url, timeout=30.0) as c:
+                token = c.post("/v1/users", json={"user_id": "w"}, headers=ADMIN).json()["token"]
+                auth = {"Authorization": f"Bearer {token}"}
+                return auth, c.post("/v1/users/w/posts", json={"text": "a post"}, headers=auth).json()["post_id"]
+
+        def feedback(auth: dict, post_id: int, key: str) -> int:  # a new connection each: both workers see some
+            with httpx.Client(base_url=server.url, headers=auth, timeout=30.0) as c:
+                return c.post("/v1/users/w/feedback", json={"post_id": post_id, "label": "negative",
+                                                          "idempotency_key": key}).status_code
+
+        old_auth, old_post = new_user()
+        assert {feedback(old_auth, old_post, f"warm{i}") for i in range(24)} == {201}  # both workers cache it
+        assert httpx.delete(f"{server.url}/v1/users/w", headers=ADMIN, timeout=30.0).status_code == 200
+        new_auth, new_post = new_user()
+        assert {feedback(old_auth, new_post, f"stale{i}") for i in range(24)} == {401}
+        assert feedback(new_auth, new_post, "new") == 201
+    engine = create_engine(f"sqlite:///{tmp_path / 'home' / 'nightowl.db'}")
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT idempotency_key FROM feedback")).scalars().all() == ["new"]
+    engine.dispose()
