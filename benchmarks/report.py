@@ -164,6 +164,13 @@ STEPS = {
         "labelled": ([f"{P}-fallback-seed0.json", f"{P}-fallback-seed1-labelled.json"],
                      [(f"{P}-rationales-labelled.json", "nightowl_rationales")]),
     },
+    # the upper reference (one model for all users with a learned embedding per user, trained on
+    # every day's feedback at once: joint_annotator_embedding) against the product's default,
+    # every post labelled (the reference has no realistic protocol), seeds 0-2
+    "joint": {
+        "labelled": ([f"{P}-fallback-seed0.json", f"{P}-fallback-seed1-labelled.json", f"{P}-fallback-seed2.json"],
+                     [(f"{P}-joint.json", "joint_annotator_embedding")]),
+    },
     # the gate doubting the answers let stand (doubt_silence) against the default before it, seeds
     # 0-2; with every post labelled nothing stands, so only the realistic protocol
     "doubt_silence": {
@@ -360,6 +367,7 @@ TABLES = {
     "doubt_silence": lambda: step_table("doubt_silence"),
     "replay": lambda: step_table("replay"),
     "rationales": lambda: step_table("rationales"),
+    "joint": lambda: step_table("joint"),
 }
 
 

@@ -130,7 +130,7 @@ class PostList(BaseModel):
 
 class FeedbackList(BaseModel):
     post_id: int
-    items: list[FeedbackItem] = Field(description="Newest first.")
+    items: list[FeedbackItem] = Field(description="Oldest first.")
     total: int
 
 
