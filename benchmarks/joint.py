@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from nightowl.adapters.checkpoint import load_base_model, with_encoder_lora
 from nightowl.adapters.encoders import load_tokenizer, pick_device
@@ -87,7 +88,9 @@ def train_joint(
         model.train()
         random.shuffle(order)
         t0, total = time.perf_counter(), 0.0
-        for start in range(0, len(order), batch_size):
+        # A bar with the time left (about 6 min an epoch on one core of the 2-core CPU).
+        for start in tqdm(range(0, len(order), batch_size), desc=f"joint epoch {epoch + 1}/{epochs}",
+                          unit="batch", leave=False, mininterval=2):
             chunk = [examples[i] for i in order[start : start + batch_size]]
             batch = batcher([c[0] for c in chunk], train=True)
             logits = model(torch.tensor([c[2] for c in chunk], device=device), **batch)
@@ -97,7 +100,7 @@ def train_joint(
             opt.step()
             total += float(loss.detach()) * len(chunk)
         report["epochs"].append({"epoch": epoch + 1, "seconds": round(time.perf_counter() - t0, 1), "train_loss": total / len(examples)})
-        print(f"joint epoch {report['epochs'][-1]}", flush=True)
+        tqdm.write(f"joint epoch {report['epochs'][-1]}")
     model.eval()
     return model, batcher, report
 
