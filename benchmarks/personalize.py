@@ -177,8 +177,29 @@ class Inputs:
 
 
 def score(pred_labels: list[str], rows: list[StreamRow], labels: list[str]) -> dict:
+    """Scores in percent, as reported, and each answer with whether it was right (so a row's
+    answers can be compared with the base's post by post: `changed_answers`)."""
     s = scores([labels.index(r.label) for r in rows], [labels.index(p) for p in pred_labels], len(labels))
-    return {"accuracy": 100 * s["accuracy"], "macro_f1": 100 * s["macro_f1"], "n": s["n"]}  # percent, as reported
+    return {"accuracy": 100 * s["accuracy"], "macro_f1": 100 * s["macro_f1"], "n": s["n"],
+            "answers": list(pred_labels), "right": [p == r.label for p, r in zip(pred_labels, rows)]}
+
+
+def changed_answers(finals: list[dict], base_finals: list[dict], users: list[str]) -> dict | None:
+    """How a row's last-night test answers differ from the base's, over users and seeds: the share
+    changed, and the share of the changed ones that are right (the precision of a personal
+    model's changes, which decides how often a user's small test set shows a gain: benchmarks.power).
+    None for runs recorded before answers were kept."""
+    changed = right = total = 0
+    for row, base in zip(finals, base_finals):
+        for u in users:
+            if "answers" not in row[u] or "answers" not in base[u]:
+                return None
+            for a, b, ok in zip(row[u]["answers"], base[u]["answers"], row[u]["right"]):
+                changed += a != b
+                right += a != b and ok
+            total += len(row[u]["answers"])
+    return {"share_changed": round(changed / max(1, total), 4), "changed_right": round(right / changed, 4) if changed else None,
+            "changed": changed, "answers": total}
 
 
 def read_image(path: str | None) -> bytes | None:
@@ -547,6 +568,7 @@ def summarize(name: str, runs: dict[int, dict], base: dict[int, dict], users: li
         "per_seed": per_seed,
         "gain_by_night": curve,
         "per_user_gain": {u: round(float(g), 3) for u, g in zip(users, per_user_gain)},
+        "changed_answers": changed_answers(finals, base_finals, users),
     }
 
 

@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from benchmarks.personalize import DEFAULT_ROWS, ROWS, Protocol, bootstrap_ci, paired_gain
+from benchmarks.personalize import DEFAULT_ROWS, ROWS, Protocol, bootstrap_ci, changed_answers, paired_gain
 from nightowl.settings import UpdateConfig
 
 
@@ -37,6 +37,18 @@ def test_gains_are_paired_user_by_user():
     row = [{"a": {"macro_f1": 60.0}, "b": {"macro_f1": 50.0}}]
     base = [{"a": {"macro_f1": 55.0}, "b": {"macro_f1": 52.0}}]
     assert paired_gain(row, base, ["a", "b"]).tolist() == [[5.0, -2.0]]
+
+
+def test_changed_answers_count_the_rows_changes_against_the_base_and_how_many_are_right():
+    base = [{"a": {"answers": ["x", "x", "y", "y"], "right": [True, False, True, False]},
+             "b": {"answers": ["x", "x"], "right": [True, True]}}]
+    row = [{"a": {"answers": ["x", "y", "x", "x"], "right": [True, True, False, False]},
+            "b": {"answers": ["x", "y"], "right": [True, False]}}]
+    # changed: a's posts 2, 3, 4 (right, wrong, wrong) and b's post 2 (wrong): 4 of 6, 1 right
+    assert changed_answers(row, base, ["a", "b"]) == {"share_changed": round(4 / 6, 4), "changed_right": 0.25,
+                                                      "changed": 4, "answers": 6}
+    assert changed_answers(base, base, ["a", "b"])["changed_right"] is None
+    assert changed_answers([{"a": {"macro_f1": 1.0}}], [{"a": {"macro_f1": 1.0}}], ["a"]) is None  # older runs
 
 
 def test_labelled_protocol_labels_every_post():
