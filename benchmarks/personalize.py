@@ -177,29 +177,10 @@ class Inputs:
 
 
 def score(pred_labels: list[str], rows: list[StreamRow], labels: list[str]) -> dict:
-    """Scores in percent, as reported, and each answer with whether it was right (so a row's
-    answers can be compared with the base's post by post: `changed_answers`)."""
+    """Scores in percent, as reported, and the answers themselves (so a row's answers can be
+    compared with the base's post by post: `answer_stats`)."""
     s = scores([labels.index(r.label) for r in rows], [labels.index(p) for p in pred_labels], len(labels))
-    return {"accuracy": 100 * s["accuracy"], "macro_f1": 100 * s["macro_f1"], "n": s["n"],
-            "answers": list(pred_labels), "right": [p == r.label for p, r in zip(pred_labels, rows)]}
-
-
-def changed_answers(finals: list[dict], base_finals: list[dict], users: list[str]) -> dict | None:
-    """How a row's last-night test answers differ from the base's, over users and seeds: the share
-    changed, and the share of the changed ones that are right (the precision of a personal
-    model's changes, which decides how often a user's small test set shows a gain: benchmarks.power).
-    None for runs recorded before answers were kept."""
-    changed = right = total = 0
-    for row, base in zip(finals, base_finals):
-        for u in users:
-            if "answers" not in row[u] or "answers" not in base[u]:
-                return None
-            for a, b, ok in zip(row[u]["answers"], base[u]["answers"], row[u]["right"]):
-                changed += a != b
-                right += a != b and ok
-            total += len(row[u]["answers"])
-    return {"share_changed": round(changed / max(1, total), 4), "changed_right": round(right / changed, 4) if changed else None,
-            "changed": changed, "answers": total}
+    return {"accuracy": 100 * s["accuracy"], "macro_f1": 100 * s["macro_f1"], "n": s["n"], "answers": list(pred_labels)}
 
 
 def read_image(path: str | None) -> bytes | None:
@@ -500,9 +481,73 @@ def paired_gain(rows: list[dict], bases: list[dict], users: list[str], key: str 
     return np.array([[row[u][key] - base[u][key] for u in users] for row, base in zip(rows, bases)])
 
 
-def summarize(name: str, runs: dict[int, dict], base: dict[int, dict], users: list[str], last: int, cfg: BenchConfig) -> dict:
+def batched_macro_f1(gold: np.ndarray, pred: np.ndarray, n_labels: int) -> np.ndarray:
+    """Macro-F1 in points over the last axis, batched over the others, by `scores`' convention
+    (over the labels present in gold or prediction; F1 0 for a present label never predicted
+    right). `gold` broadcasts against `pred`."""
+    gold, pred = np.broadcast_arrays(gold, pred)
+    total = np.zeros(pred.shape[:-1])
+    present_n = np.zeros(pred.shape[:-1])
+    for c in range(n_labels):
+        g, p = gold == c, pred == c
+        tp = (g & p).sum(-1)
+        fp_fn = (g ^ p).sum(-1)  # fp + fn: one of the two is c, not both
+        present = (g | p).any(-1)
+        total += np.where(tp > 0, 2 * tp / np.maximum(2 * tp + fp_fn, 1), 0.0) * present
+        present_n += present
+    return 100 * total / np.maximum(present_n, 1)
+
+
+def answer_stats(finals: list[dict], base_finals: list[dict], users: list[str], truth: dict[str, list[str]],
+                 labels: list[str], resamples: int = 1000, seed: int = 0) -> dict | None:
+    """What a row's last-night test answers do against the base's, post by post (None for runs
+    recorded before answers were kept):
+    - `share_changed`, `changed_right`: the share of answers that differ from the base's, and of
+      those the share that are right: the precision that decides how often a user's small test
+      set shows their gain (benchmarks.power);
+    - `changes_repeated`: of the posts one seed's model changed, the share another seed's changed
+      too, and `seed_correlation` = (that - share_changed) / (1 - share_changed): 0 if the seeds
+      change posts independently, 1 if they change the same ones (benchmarks.power's two cases);
+    - `users_clearly_better` / `_worse`: users whose gain (averaged over the seeds) has a 95%
+      paired bootstrap interval over their own test posts above / below 0."""
+    if any("answers" not in r[u] for rows in (finals, base_finals) for r in rows for u in users):
+        return None
+    index = {lab: i for i, lab in enumerate(labels)}
+    rng = np.random.default_rng(seed)
+    changed = right = total = repeated = pairs = 0
+    clearly = {"better": 0, "worse": 0}
+    for u in users:
+        gold = np.array([index[t] for t in truth[u]])
+        row = np.array([[index[a] for a in r[u]["answers"]] for r in finals])  # [seeds, posts]
+        base = np.array([[index[a] for a in b[u]["answers"]] for b in base_finals])
+        diff = row != base
+        changed += int(diff.sum())
+        right += int((diff & (row == gold)).sum())
+        total += diff.size
+        for s in range(len(finals)):
+            for t in range(len(finals)):
+                if s != t:
+                    repeated += int((diff[s] & diff[t]).sum())
+                    pairs += int(diff[s].sum())
+        idx = rng.integers(0, len(gold), size=(resamples, len(gold)))
+        gains = (batched_macro_f1(gold[idx][:, None, :], row[:, idx].transpose(1, 0, 2), len(labels))
+                 - batched_macro_f1(gold[idx][:, None, :], base[:, idx].transpose(1, 0, 2), len(labels))).mean(axis=1)
+        lo, hi = np.quantile(gains, [0.025, 0.975])
+        clearly["better"] += bool(lo > 0)
+        clearly["worse"] += bool(hi < 0)
+    q = changed / max(1, total)
+    rep = repeated / pairs if pairs else None
+    return {"share_changed": round(q, 4), "changed_right": round(right / changed, 4) if changed else None,
+            "changes_repeated": None if rep is None else round(rep, 4),
+            "seed_correlation": None if rep is None or q >= 1 else round((rep - q) / (1 - q), 4),
+            "users_clearly_better": clearly["better"], "users_clearly_worse": clearly["worse"], "users": len(users)}
+
+
+def summarize(name: str, runs: dict[int, dict], base: dict[int, dict], users: list[str], last: int, cfg: BenchConfig,
+              truth: dict[str, list[str]] | None = None, labels: list[str] | None = None) -> dict:
     """A row's figures over seeds: paired gains with a bootstrap interval over users (each
-    user's gain averaged over seeds first), shares of users better / worse than the base."""
+    user's gain averaged over seeds first), shares of users better / worse than the base, and
+    (given the test posts' `truth`) how its answers differ from the base's (`answer_stats`)."""
     seeds = sorted(runs)
     finals = [runs[s]["per_night"][-1]["per_user"] for s in seeds]
     base_finals = [base[s]["per_night"][-1]["per_user"] for s in seeds]
@@ -568,7 +613,8 @@ def summarize(name: str, runs: dict[int, dict], base: dict[int, dict], users: li
         "per_seed": per_seed,
         "gain_by_night": curve,
         "per_user_gain": {u: round(float(g), 3) for u, g in zip(users, per_user_gain)},
-        "changed_answers": changed_answers(finals, base_finals, users),
+        "answers_vs_base": (answer_stats(finals, base_finals, users, truth, labels, cfg.bootstrap // 4)
+                            if truth is not None and name != "base" else None),
     }
 
 
@@ -671,6 +717,7 @@ def run(cfg: BenchConfig) -> dict:
         raw = dict(run_task(*a) for a in args)
 
     base = {t.seed: out for t, out in raw.items() if t.row == "base"}
+    truth = {u: [r.label for r in stream.test(u)] for u in users}
     protocols = {}
     for p in cfg.protocols:
         rows = []
@@ -679,7 +726,7 @@ def run(cfg: BenchConfig) -> dict:
             if kind == "joint" and p.name != "labelled":
                 continue
             runs = {t.seed: out for t, out in raw.items() if t.row == name and (kind != "nightly" or t.protocol == p)}
-            rows.append(summarize(name, runs, base, users, stream.days, cfg))
+            rows.append(summarize(name, runs, base, users, stream.days, cfg, truth, stream.labels))
         protocols[p.key] = {"protocol": asdict(p), "rows": rows}
     n_feedback = [sum(len(stream.feedback(u, d)) for d in range(1, stream.days + 1)) for u in users]
     result = {

@@ -41,6 +41,7 @@ import typer
 from tqdm import tqdm
 
 from benchmarks.personalize import BenchConfig, Inputs, eligible_users, train_base
+from benchmarks.personalize import batched_macro_f1 as macro_f1
 from benchmarks.stream import read_stream
 from nightowl.adapters.train import scores
 from nightowl.io import atomic_write_text
@@ -61,25 +62,6 @@ class UserTest:
     user: str
     gold: np.ndarray
     base: np.ndarray
-
-
-# -- macro-F1, vectorized ------------------------------------------------------------------------
-
-def macro_f1(gold: np.ndarray, pred: np.ndarray, n_labels: int) -> np.ndarray:
-    """Macro-F1 in points over the last axis, batched over the others, by `scores`' convention:
-    over the labels present in gold or prediction, F1 0 for a present label never predicted
-    right. `gold` broadcasts against `pred`."""
-    gold, pred = np.broadcast_arrays(gold, pred)
-    total = np.zeros(pred.shape[:-1])
-    present_n = np.zeros(pred.shape[:-1])
-    for c in range(n_labels):
-        g, p = gold == c, pred == c
-        tp = (g & p).sum(-1)
-        fp_fn = (g ^ p).sum(-1)  # fp + fn: one of the two is c, not both
-        present = (g | p).any(-1)
-        total += np.where(tp > 0, 2 * tp / np.maximum(2 * tp + fp_fn, 1), 0.0) * present
-        present_n += present
-    return 100 * total / np.maximum(present_n, 1)
 
 
 # -- the hypothetical model ----------------------------------------------------------------------

@@ -347,6 +347,35 @@ def systems_table() -> str:
     return "\n".join(lines)
 
 
+POWER_GAINS = (2.0, 3.0, 5.0, 8.0, 10.0, 15.0)
+
+
+def power_table(path: Path = RESULTS / "power-multipico_en-24.json") -> str:
+    """benchmarks.power: the shares of users a true gain shows as better / worse on the users'
+    own test sets, by how often the model's changed answers are right and how alike the seeds are."""
+    data = json.loads(path.read_text())
+    facts = data["test_sets"]
+    head = (f"{data['n_users']} users ({data['users_rule']}); test posts per user median "
+            f"{facts['test_posts_median']:g} ({facts['test_posts_min_max'][0]}-{facts['test_posts_min_max'][1]}), "
+            f"the rarer label's median {facts['rarest_label_posts_median']:g}; base macro-F1 {facts['base_macro_f1_mean']:.2f}; "
+            f"{data['seeds']} seeds a user, {data['draws']} simulated measurements a cell; `{data['command']}`. "
+            "Each cell: users measured better / worse, expected share.")
+    gains = [g for g in POWER_GAINS if g in data["gains"]]
+    lines = [head, "",
+             "| changed answers right | seeds change | " + " | ".join(f"true gain +{g:g}" for g in gains)
+             + " | smallest true gain meeting 80% / 5% |",
+             "|---|---|" + "---|" * (len(gains) + 1)]
+    for precision in data["precisions"]:
+        for rho in data["seed_correlations"]:
+            cells = {c["true_gain"]: c for c in data["cells"] if c["precision"] == precision and c["seed_correlation"] == rho}
+            smallest = data["smallest_gain_meeting_share_targets"][f"precision {precision:g}, seed correlation {rho:g}"]
+            lines.append(
+                f"| {precision:.0%} | {'the same posts' if rho == 1 else 'independently'} | "
+                + " | ".join(f"{cells[g]['share_better']:.0%} / {cells[g]['share_worse']:.0%}" for g in gains)
+                + f" | {'none up to +' + format(max(data['gains']), 'g') if smallest is None else '+' + format(smallest, 'g')} |")
+    return "\n".join(lines)
+
+
 TABLES = {
     "twitter2015": twitter2015_table,
     "personalize": personalize_table,
@@ -368,6 +397,8 @@ TABLES = {
     "replay": lambda: step_table("replay"),
     "rationales": lambda: step_table("rationales"),
     "joint": lambda: step_table("joint"),
+    "power": power_table,
+    "power_all": lambda: power_table(RESULTS / "power-multipico_en.json"),
 }
 
 

@@ -65,6 +65,10 @@ def test_bench_personalize_writes_every_row(tmp_path):
         assert [c["night"] for c in night["gain_by_night"]] == [1, 2]
         assert night["forgetting"] is not None and night["seconds_per_user_night_median"] > 0
         assert night["update_changes"] == {}  # the product's defaults
+        stats = night["answers_vs_base"]  # its test answers against the base's, post by post
+        assert 0 <= stats["share_changed"] <= 1 and stats["users"] == 3
+        assert stats["users_clearly_better"] + stats["users_clearly_worse"] <= 3
+    assert labelled["base"]["answers_vs_base"] is None
     # every post labelled vs only some corrections: the realistic users give fewer labels
     assert labelled["nightowl"]["labels_given_per_user"] == 16
     assert realistic["nightowl"]["labels_given_per_user"] < 16

@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from benchmarks.personalize import DEFAULT_ROWS, ROWS, Protocol, bootstrap_ci, changed_answers, paired_gain
+from benchmarks.personalize import DEFAULT_ROWS, ROWS, Protocol, answer_stats, bootstrap_ci, paired_gain
 from nightowl.settings import UpdateConfig
 
 
@@ -39,16 +39,29 @@ def test_gains_are_paired_user_by_user():
     assert paired_gain(row, base, ["a", "b"]).tolist() == [[5.0, -2.0]]
 
 
-def test_changed_answers_count_the_rows_changes_against_the_base_and_how_many_are_right():
-    base = [{"a": {"answers": ["x", "x", "y", "y"], "right": [True, False, True, False]},
-             "b": {"answers": ["x", "x"], "right": [True, True]}}]
-    row = [{"a": {"answers": ["x", "y", "x", "x"], "right": [True, True, False, False]},
-            "b": {"answers": ["x", "y"], "right": [True, False]}}]
-    # changed: a's posts 2, 3, 4 (right, wrong, wrong) and b's post 2 (wrong): 4 of 6, 1 right
-    assert changed_answers(row, base, ["a", "b"]) == {"share_changed": round(4 / 6, 4), "changed_right": 0.25,
-                                                      "changed": 4, "answers": 6}
-    assert changed_answers(base, base, ["a", "b"])["changed_right"] is None
-    assert changed_answers([{"a": {"macro_f1": 1.0}}], [{"a": {"macro_f1": 1.0}}], ["a"]) is None  # older runs
+def test_answer_stats_compare_a_rows_answers_with_the_bases_post_by_post():
+    labels, truth = ["x", "y"], {"a": ["x", "y", "x", "y"], "b": ["x", "x"]}
+    base = [{"a": {"answers": ["x", "x", "x", "x"]}, "b": {"answers": ["x", "x"]}}] * 2
+    row = [{"a": {"answers": ["x", "y", "y", "x"]}, "b": {"answers": ["x", "y"]}},  # changes a2 (right), a3, b2
+           {"a": {"answers": ["x", "y", "x", "y"]}, "b": {"answers": ["x", "x"]}}]  # changes a2, a4 (both right)
+    s = answer_stats(row, base, ["a", "b"], truth, labels, resamples=200)
+    assert s["share_changed"] == round(5 / 12, 4) and s["changed_right"] == 0.6
+    # seed 0 changed 3 posts, seed 1 changed 1 of them (a2); seed 1 changed 2, seed 0 1 of them
+    assert s["changes_repeated"] == round(2 / 5, 4)
+    assert s["seed_correlation"] == round((2 / 5 - 5 / 12) / (1 - 5 / 12), 4)
+    assert s["users"] == 2 and s["users_clearly_worse"] == 0
+    same = answer_stats(base, base, ["a", "b"], truth, labels)
+    assert same["changed_right"] is None and same["users_clearly_better"] == same["users_clearly_worse"] == 0
+    assert answer_stats([{"a": {"macro_f1": 1.0}}], [{"a": {"macro_f1": 1.0}}], ["a"], truth, labels) is None  # older runs
+
+
+def test_a_user_whose_every_test_post_turns_right_is_clearly_better():
+    labels = ["x", "y"]
+    truth = {"a": ["x", "y"] * 20}
+    base = [{"a": {"answers": ["x"] * 40}}]
+    row = [{"a": {"answers": ["x", "y"] * 20}}]
+    s = answer_stats(row, base, ["a"], truth, labels, resamples=200)
+    assert s["users_clearly_better"] == 1 and s["changed_right"] == 1.0 and s["seed_correlation"] is None
 
 
 def test_labelled_protocol_labels_every_post():

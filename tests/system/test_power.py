@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from benchmarks.personalize import batched_macro_f1 as macro_f1
 from benchmarks.power import (
     UserTest,
     analyse,
     break_rate,
     expected_macro_f1,
-    macro_f1,
     measured_gains,
     smallest_gain_meeting_targets,
     solve_rates,
