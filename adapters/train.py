@@ -17,6 +17,7 @@ from tqdm import tqdm
 from nightowl.adapters.checkpoint import (
     ENCODER_LINEAR_LAYERS,
     build_model,
+    load_base_model,
     save_base,
     with_encoder_lora,
 )
@@ -54,6 +55,15 @@ class TrainRecipe:
         metadata={"help": "Encoder modules that get LoRA: a regex over module names or a list of names (peft `target_modules`)."},
     )
     label_smoothing: float = field(default=0.0, metadata={"help": "Cross-entropy label smoothing, in [0, 1]."})
+    distill_alpha: float = field(
+        default=0.0,
+        metadata={"help": "Weight, in [0, 1], of a teacher's soft labels in the loss (knowledge distillation, Hinton et "
+                          "al. 2015; MulCoT-RD's teacher -> student step); 0: the labels alone. Above 0 the training "
+                          "call needs the teacher's logits for every training example (`teacher_logits`)."},
+    )
+    distill_temperature: float = field(
+        default=2.0, metadata={"help": "Temperature (>= 0.1) softening teacher and student alike in the soft-label loss."}
+    )
     extra: dict = field(default_factory=dict, metadata={"help": "Free-form notes kept with the recipe (not read by training)."})
 
     def __post_init__(self) -> None:
@@ -70,6 +80,8 @@ class TrainRecipe:
         else:
             check_str_list(own, "encoder_lora_targets", self.encoder_lora_targets, min_len=1)
         check_number(own, "label_smoothing", self.label_smoothing, 0.0, 1.0)
+        check_number(own, "distill_alpha", self.distill_alpha, 0.0, 1.0)
+        check_number(own, "distill_temperature", self.distill_temperature, 0.1)
         check_dict(own, "extra", self.extra)
 
 
@@ -115,6 +127,43 @@ def evaluate_items(model, batcher: Batcher, items: list[ModelInput], gold: list[
     return scores(gold, logits.argmax(-1).tolist(), len(batcher.config.labels))
 
 
+def soft_label_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) at `temperature`, times temperature^2 so its gradients keep the
+    scale of the hard-label loss whatever the temperature (Hinton et al. 2015)."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True,
+                    reduction="batchmean") * t * t
+
+
+def _checked_teacher(recipe: TrainRecipe, teacher: torch.Tensor | None, n: int, n_labels: int) -> torch.Tensor | None:
+    if recipe.distill_alpha == 0:
+        return None  # a recipe without distillation ignores any teacher given
+    if teacher is None:
+        raise ValueError("TrainRecipe.distill_alpha > 0 needs teacher_logits for every training example")
+    if tuple(teacher.shape) != (n, n_labels):
+        raise ValueError(f"teacher_logits must be [{n}, {n_labels}] (one row per training example), got {list(teacher.shape)}")
+    return teacher.float().cpu()
+
+
+@torch.inference_mode()
+def teacher_logits_of(model_dirs: list[Path], items: list[ModelInput], device: torch.device | str | None = None) -> torch.Tensor:
+    """A teacher's logits for `items`: one saved base model's, or the log of several models'
+    average probabilities (a seed ensemble, or models on other encoders). Each model must have
+    the same labels, in the same order."""
+    device = torch.device(device) if device else pick_device()
+    probs, labels = [], None
+    for d in model_dirs:
+        model = load_base_model(Path(d)).to(device)
+        if labels is not None and model.config.labels != labels:
+            raise ValueError(f"teacher {d} has labels {model.config.labels}, the first one {labels}")
+        labels = model.config.labels
+        batcher = Batcher(load_tokenizer(model.config.text_model), model.config, device)
+        probs.append(predict_logits(model, batcher, items).softmax(-1))
+    if not probs:
+        raise ValueError("teacher_logits_of needs at least one model folder")
+    return torch.stack(probs).mean(0).clamp_min(1e-8).log()
+
+
 def train_base_model(
     train: list[tuple[ModelInput, int]],
     select: list[tuple[ModelInput, int]] | None,
@@ -122,13 +171,17 @@ def train_base_model(
     out_dir: Path | None,
     recipe: TrainRecipe | None = None,
     device: torch.device | str | None = None,
+    teacher_logits: torch.Tensor | None = None,
 ) -> tuple[RationaleFusedClassifier, dict]:
     """Train over the pretrained encoder; keep the epoch that scores best (macro-F1) on `select`.
 
+    `teacher_logits` ([len(train), labels], row i for train[i]): a teacher's outputs, learned
+    from with weight `recipe.distill_alpha` (`teacher_logits_of` makes them from saved models).
     Returns (model, report). The report has per-epoch seconds and selection scores; the model
     is saved to `out_dir` (if given) with the recipe in its config's provenance.
     """
     recipe = recipe or TrainRecipe()
+    teacher_logits = _checked_teacher(recipe, teacher_logits, len(train), len(config.labels))
     device = torch.device(device) if device else pick_device()
     random.seed(recipe.seed)
     np.random.seed(recipe.seed)
@@ -160,6 +213,10 @@ def train_base_model(
             labels = torch.tensor([c[1] for c in chunk], device=device)
             logits, aux = model(**batch, return_aux=True)
             loss = F.cross_entropy(logits, labels, label_smoothing=recipe.label_smoothing)
+            if teacher_logits is not None:
+                taught = soft_label_loss(logits, teacher_logits[order[start : start + recipe.batch_size]].to(device),
+                                         recipe.distill_temperature)
+                loss = (1 - recipe.distill_alpha) * loss + recipe.distill_alpha * taught
             if "has_rationale" in batch:
                 loss = loss + config.distill_weight * distillation_loss(aux, batch["has_rationale"])
             opt.zero_grad(set_to_none=True)

@@ -12,6 +12,12 @@ gold label, so giving them at test time would be label leakage):
   from train.
 - text_image_traindev: the rationale row's data and selection without the rationales, so the
   difference between the two is the rationales' own effect.
+`--teacher ROW [ROW ...]` trains the rows as students of those rows' saved seed models (the
+probability average of every `--seeds` model of each: a seed ensemble, or a larger encoder's row):
+their soft labels on the student's training posts (served as a post is: no rationale) join the
+labels with weight `distill_alpha` (`--recipe distill_alpha=A`, default 0.5; `--tag` names the
+variant). A teacher seed's 15% selection slice differs from the student's, so the teachers have
+seen part of a student's selection slice: its selection scores lean optimistic; test is untouched.
 Writes benchmarks/results/twitter2015.json (accuracy and macro-F1 in percent).
 """
 
@@ -39,7 +45,7 @@ from nightowl.adapters.data import (
 )
 from nightowl.adapters.encoders import ImageEncoder, load_tokenizer
 from nightowl.adapters.inputs import Batcher, ModelInput
-from nightowl.adapters.train import TrainRecipe, evaluate_items, train_base_model
+from nightowl.adapters.train import TrainRecipe, evaluate_items, teacher_logits_of, train_base_model
 from nightowl.io import atomic_write_text
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "twitter2015"
@@ -75,7 +81,7 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 
 def run_row(name: str, seed: int, epochs: int, data: dict, feats: dict, recipe: dict | None = None,
-            model: dict | None = None, tag: str = "") -> dict:
+            model: dict | None = None, tag: str = "", teachers: list[Path] | None = None) -> dict:
     use_image = name != "text"
     use_rationale = name == "text_image_rationale"
     traindev = name in ("text_image_rationale", "text_image_traindev")
@@ -89,15 +95,24 @@ def run_row(name: str, seed: int, epochs: int, data: dict, feats: dict, recipe: 
         select_rows, train_rows = shuffled[:cut], shuffled[cut:] + data["dev"]
         select_note = f"15% slice of train ({cut} rows); dev joins training" + (" with its rationales" if use_rationale else "")
     config = FusionConfig(labels=TOMBERT_LABELS, **(model or {}))
-    config.training = {"dataset": "twitter2015", "row": name, "seed": seed, "selection": select_note}
+    config.training = {"dataset": "twitter2015", "row": name, "seed": seed, "selection": select_note,
+                       "teacher": [str(t.relative_to(WORK)) for t in teachers] if teachers else None}
     out_dir = WORK / "models" / f"{name}{tag}-seed{seed}"
+    recipe = dict(recipe or {})
+    taught = None
+    if teachers:
+        recipe.setdefault("distill_alpha", 0.5)
+        t_teach = time.perf_counter()
+        taught = teacher_logits_of(teachers, [x for x, _ in to_items(train_rows, feats, use_image, False)])
+        print(f"teacher: {len(teachers)} models on {len(train_rows)} posts in {time.perf_counter() - t_teach:.0f}s", flush=True)
     t0 = time.perf_counter()
     model, report = train_base_model(
         to_items(train_rows, feats, use_image, use_rationale),
         to_items(select_rows, feats, use_image, False),  # select as we serve: no rationale
         config,
         out_dir,
-        TrainRecipe(epochs=epochs, seed=seed, **(recipe or {})),
+        TrainRecipe(epochs=epochs, seed=seed, **recipe),
+        teacher_logits=taught,
     )
     train_s = time.perf_counter() - t0
     batcher = Batcher(load_tokenizer(config.text_model), config)
@@ -125,6 +140,7 @@ def run_row(name: str, seed: int, epochs: int, data: dict, feats: dict, recipe: 
         "single_inference_ms_median": round(statistics.median(lat), 2),
         "model_dir": str(out_dir.relative_to(Path(__file__).resolve().parents[1])),
         "selection": select_note,
+        "teacher": config.training["teacher"],
     }
 
 
@@ -139,11 +155,17 @@ def main() -> None:
     ap.add_argument("--recipe", nargs="*", default=[], metavar="KEY=VALUE", help="TrainRecipe overrides, e.g. lr_encoder=1e-3")
     ap.add_argument("--model", nargs="*", default=[], metavar="KEY=VALUE", help="FusionConfig overrides, e.g. target_pooling=false")
     ap.add_argument("--tag", default="", help="suffix for the row names and model folders of this variant")
+    ap.add_argument("--teacher", nargs="*", default=[], metavar="ROW",
+                    help="train the rows as students of these rows' saved --seeds models (their probability average)")
     ap.add_argument("--ensemble", nargs="*", default=[], metavar="ROW",
                     help="also score the probability average of these rows' saved seed models (no training)")
     args = ap.parse_args()
     recipe, model_overrides = parse_overrides(args.recipe), parse_overrides(args.model)
     torch.set_num_threads(args.threads)
+    teachers = [WORK / "models" / f"{row}-seed{s}" for row in args.teacher for s in args.seeds]
+    missing = [str(t) for t in teachers if not (t / "nightowl_config.json").is_file()]
+    if missing:
+        raise SystemExit(f"teacher models not trained yet (run their rows first): {', '.join(missing)}")
 
     data = {s: read_tombert_tsv(args.data / f"{s}.tsv") for s in ("train", "dev", "test")}
     n_rat = attach_rationales(data["dev"], args.data / "dev.rationales.jsonl")
@@ -159,7 +181,7 @@ def main() -> None:
     for name in args.rows:
         per_seed = []
         for seed in args.seeds:
-            res = run_row(name, seed, args.epochs, data, feats, recipe, model_overrides, args.tag)
+            res = run_row(name, seed, args.epochs, data, feats, recipe, model_overrides, args.tag, teachers)
             print(json.dumps({"row": name, **{k: v for k, v in res.items() if k != "confusion"}}), flush=True)
             per_seed.append(res)
         rows[name + args.tag] = {
@@ -173,7 +195,8 @@ def main() -> None:
                                  "--epochs", str(args.epochs)]
                                 + (["--recipe", *args.recipe] if args.recipe else [])
                                 + (["--model", *args.model] if args.model else [])
-                                + (["--tag", args.tag] if args.tag else [])),
+                                + (["--tag", args.tag] if args.tag else [])
+                                + (["--teacher", *args.teacher] if args.teacher else [])),
             "model_dir": per_seed[0]["model_dir"],
             "epoch_seconds_median": statistics.median(s for r in per_seed for s in r["epoch_seconds"]),
             "single_inference_ms_median": statistics.median(r["single_inference_ms_median"] for r in per_seed),

@@ -362,6 +362,11 @@ def train_base(
     labels: Annotated[str, typer.Option(help="Names of label ids 0, 1, ... (comma-separated).")] = "negative,neutral,positive",
     epochs: int = 4,
     seed: int = 0,
+    teacher: Annotated[Optional[list[Path]], typer.Option(
+        help="A saved base model to learn from as well as from the labels (repeatable: their average, e.g. a seed "
+             "ensemble or a larger encoder's model; same labels).")] = None,
+    distill_alpha: Annotated[float, typer.Option(help="With --teacher: the weight, in [0, 1], of its soft labels.")] = 0.5,
+    distill_temperature: Annotated[float, typer.Option(help="With --teacher: the softmax temperature (>= 0.1).")] = 2.0,
 ) -> None:
     """Train the shared base model on a labelled dataset and save it with its config."""
     from nightowl.adapters.config import FusionConfig
@@ -373,11 +378,22 @@ def train_base(
     )
     from nightowl.adapters.encoders import ImageEncoder
     from nightowl.adapters.inputs import ModelInput
-    from nightowl.adapters.train import TrainRecipe, train_base_model
+    from nightowl.adapters.train import TrainRecipe, teacher_logits_of, train_base_model
 
     names = [x.strip() for x in labels.split(",")]
     if len(names) < 2 or len(set(names)) != len(names) or not all(names):
         raise NightowlError("--labels needs at least two distinct, non-empty names")
+    for t in teacher or []:
+        if not (t / "nightowl_config.json").is_file():
+            raise InvalidInput(f"teacher is not a saved base model folder (no nightowl_config.json): {t}")
+        taught_labels = json.loads((t / "nightowl_config.json").read_text(encoding="utf-8")).get("labels")
+        if taught_labels != names:
+            raise InvalidInput(f"teacher {t} has labels {taught_labels}, --labels names {names}: they must be the same")
+    try:
+        recipe = TrainRecipe(epochs=epochs, seed=seed, distill_alpha=distill_alpha if teacher else 0.0,
+                             distill_temperature=distill_temperature)
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None
     try:
         train_rows = read_tombert_tsv(train, n_labels=len(names))
         select_rows = read_tombert_tsv(select, n_labels=len(names)) if select else None
@@ -393,9 +409,16 @@ def train_base(
 
     config = FusionConfig(labels=names)
     config.training = {"train": str(train), "select": str(select) if select else None, "images": bool(images),
-                       "rationales": str(rationales) if rationales else None}
+                       "rationales": str(rationales) if rationales else None,
+                       "teacher": [str(t) for t in teacher] if teacher else None}
+    taught = None
+    if teacher:
+        try:  # the teachers judge each post as it is served: without its rationale
+            taught = teacher_logits_of(teacher, [x for x, _ in items(train_rows, False)])
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
     _, report = train_base_model(items(train_rows, True), items(select_rows, False) if select_rows else None,
-                                 config, out, TrainRecipe(epochs=epochs, seed=seed))
+                                 config, out, recipe, teacher_logits=taught)
     _emit({"out": str(out), **report})
 
 
@@ -430,8 +453,8 @@ def db_current() -> None:
            "head": migrations.head()})
 
 
-BENCHMARKS = ("personalize", "twitter2015", "ingest", "ingest_broker", "inference", "nightly_cost", "faiss_memory",
-              "request_memory", "report", "convert_multipico")
+BENCHMARKS = ("personalize", "power", "personal_parts", "twitter2015", "ingest", "ingest_broker", "inference",
+              "nightly_cost", "faiss_memory", "request_memory", "report", "convert_multipico")
 
 
 @bench_app.command(

@@ -126,3 +126,15 @@ def test_train_base_and_evaluate_on_any_label_set(tmp_path):
 
     r = runner.invoke(app, ["train-base", "--train", str(data), "--out", str(tmp_path / "x"), "--labels", "only"])
     assert r.exit_code != 0 and "at least two" in r.output
+
+    # a student learning from the model above as its teacher (soft labels beside the labels)
+    student = tmp_path / "student"
+    r = runner.invoke(app, ["train-base", "--train", str(data), "--out", str(student), "--labels", "other,mentioned",
+                            "--epochs", "1", "--teacher", str(out), "--distill-alpha", "0.7"])
+    assert r.exit_code == 0, r.output
+    config = json.loads((student / "nightowl_config.json").read_text())
+    assert config["training"]["teacher"] == [str(out)] and config["training"]["recipe"]["distill_alpha"] == 0.7
+    r = runner.invoke(app, ["train-base", "--train", str(data), "--out", str(tmp_path / "y"), "--teacher", str(tmp_path)])
+    assert r.exit_code == 2 and "not a saved base model" in r.output
+    r = runner.invoke(app, ["train-base", "--train", str(data), "--out", str(tmp_path / "y"), "--teacher", str(out)])
+    assert r.exit_code == 2 and "labels" in r.output  # the teacher has 2 labels, the default --labels 3
