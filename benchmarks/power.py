@@ -19,6 +19,9 @@ truly gains `g` macro-F1 points for every user:
   bootstrap resample, the sampling the benchmark's test split stands for), the model's answers
   drawn once per seed, the user's gain averaged over the seeds, "better" if above 0 and "worse"
   if below; the 95% percentile bootstrap interval over users of the mean gain, as the tables give it.
+  The seeds' models change posts independently (`seed_correlation` 0: averaging over seeds
+  removes that noise) or change the same posts (1: it removes none); the benchmark measures
+  where real runs lie (`answers_vs_base.seed_correlation` in its results).
 Repeated `--draws` times: the expected share of users measured better and worse, and how often the
 interval's lower bound is above 0, for every g and precision. The smallest g that meets the
 benchmark's targets (>= 80% of users better, <= 5% worse) is reported per precision.
@@ -230,8 +233,11 @@ def plot(result: dict, out: Path) -> str:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
-    for precision, colour in zip(result["precisions"], ("tab:orange", "tab:blue", "tab:green")):
-        for rho, style in zip(result["seed_correlations"], ("--", "-")):
+    styles = ("--", "-", ":", "-.")
+    for i, precision in enumerate(result["precisions"]):
+        colour = plt.cm.tab10(i % 10)
+        for j, rho in enumerate(result["seed_correlations"]):
+            style = styles[j % len(styles)]
             cells = [c for c in result["cells"] if c["precision"] == precision and c["seed_correlation"] == rho]
             xs = [c["true_gain"] for c in cells]
             for ax, key in zip(axes, ("share_better", "share_worse")):
@@ -257,22 +263,25 @@ def plot(result: dict, out: Path) -> str:
 
 
 def run(stream: Path, out: Path, users: int | None = None, base_model: Path | None = None, draws: int = 400,
-        seeds: int = 3) -> dict:
+        seeds: int = 3, gains=GAINS, precisions=PRECISIONS, correlations=SEED_CORRELATIONS) -> dict:
     t0 = time.perf_counter()
     tests, labels, facts = user_tests(stream, users, base_model)
-    cells = analyse(tests, len(labels), draws=draws, seeds=seeds)
+    cells = analyse(tests, len(labels), gains, precisions, correlations, draws=draws, seeds=seeds)
     result = {
         "benchmark": "power", "stream": str(stream), "labels": labels, **facts,
         "n_users": len(tests), "seeds": seeds, "draws": draws,
         "targets": {"share_better_at_least": TARGET_BETTER, "share_worse_at_most": TARGET_WORSE},
         "test_sets": test_set_facts(tests, len(labels)),
-        "precisions": list(PRECISIONS), "gains": list(GAINS),
-        "seed_correlations": list(SEED_CORRELATIONS),
+        "precisions": list(precisions), "gains": list(gains),
+        "seed_correlations": list(correlations),
         "smallest_gain_meeting_share_targets": {f"precision {p:g}, seed correlation {c:g}": smallest_gain_meeting_targets(cells, p, c)
-                                                for p in PRECISIONS for c in SEED_CORRELATIONS},
+                                                for p in precisions for c in correlations},
         "cells": cells,
         "command": f"python -m benchmarks.power --stream {stream} --out {out}"
-                   + (f" --users {users}" if users else "") + f" --draws {draws} --seeds {seeds}",
+                   + (f" --users {users}" if users else "") + f" --draws {draws} --seeds {seeds}"
+                   + ("" if tuple(gains) == GAINS else "".join(f" --gain {g:g}" for g in gains))
+                   + ("" if tuple(precisions) == PRECISIONS else "".join(f" --precision {p:g}" for p in precisions))
+                   + ("" if tuple(correlations) == SEED_CORRELATIONS else "".join(f" --seed-correlation {c:g}" for c in correlations)),
         "seconds": None,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -289,14 +298,26 @@ def main(
     base_model: Annotated[Optional[Path], typer.Option(help="A trained base model; default: trained on day 0.")] = None,
     draws: Annotated[int, typer.Option(help="Simulated measurements per cell.")] = 400,
     seeds: Annotated[int, typer.Option(help="Seeds a user's gain is averaged over (the benchmark's).")] = 3,
+    gain: Annotated[Optional[list[float]], typer.Option(help=f"True per-user gains, macro-F1 points (repeatable; default {GAINS}).")] = None,
+    precision: Annotated[Optional[list[float]], typer.Option(help=f"Shares of changed answers that are right, in (0.5, 1) (repeatable; default {PRECISIONS}); e.g. a row's answers_vs_base.changed_right.")] = None,
+    seed_correlation: Annotated[Optional[list[float]], typer.Option(help=f"How alike the seeds' changes are, in [0, 1] (repeatable; default {SEED_CORRELATIONS}); e.g. a row's answers_vs_base.seed_correlation.")] = None,
 ) -> None:
+    def fail(message: str) -> None:
+        typer.echo(f"error: {message}", err=True)
+        raise typer.Exit(2)
+
     if not stream.is_file():
-        typer.echo(f"error: stream file not found: {stream}", err=True)
-        raise typer.Exit(2)
+        fail(f"stream file not found: {stream}")
     if draws < 10 or seeds < 1:
-        typer.echo("error: --draws must be at least 10 and --seeds at least 1", err=True)
-        raise typer.Exit(2)
-    result = run(stream, out, users, base_model, draws, seeds)
+        fail("--draws must be at least 10 and --seeds at least 1")
+    gains, precisions, correlations = tuple(gain or GAINS), tuple(precision or PRECISIONS), tuple(seed_correlation or SEED_CORRELATIONS)
+    if not all(g > 0 for g in gains):
+        fail("--gain must be above 0")
+    if not all(0.5 < p < 1 for p in precisions):
+        fail("--precision must be in (0.5, 1): a model whose changes are right half the time or less gains nothing")
+    if not all(0 <= c <= 1 for c in correlations):
+        fail("--seed-correlation must be in [0, 1]")
+    result = run(stream, out, users, base_model, draws, seeds, gains, precisions, correlations)
     facts = result["test_sets"]
     print(f"{result['n_users']} users; test posts median {facts['test_posts_median']:g}, rarest label median "
           f"{facts['rarest_label_posts_median']:g} posts; base macro-F1 {facts['base_macro_f1_mean']:.2f}")

@@ -165,11 +165,10 @@ STEPS = {
                      [(f"{P}-rationales-labelled.json", "nightowl_rationales")]),
     },
     # the upper reference (one model for all users with a learned embedding per user, trained on
-    # every day's feedback at once: joint_annotator_embedding) against the product's default,
-    # every post labelled (the reference has no realistic protocol), seeds 0-2
+    # every day's feedback at once: joint_annotator_embedding) against the product's default (its
+    # one-commit run), every post labelled (the reference has no realistic protocol), seeds 0-2
     "joint": {
-        "labelled": ([f"{P}-fallback-seed0.json", f"{P}-fallback-seed1-labelled.json", f"{P}-fallback-seed2.json"],
-                     [(f"{P}-joint.json", "joint_annotator_embedding")]),
+        "labelled": ([f"{P}-default.json"], [(f"{P}-joint.json", "joint_annotator_embedding")]),
     },
     # the gate doubting the answers let stand (doubt_silence) against the default before it, seeds
     # 0-2; with every post labelled nothing stands, so only the realistic protocol
@@ -177,6 +176,15 @@ STEPS = {
         "realistic_p0.3": ([f"{P}-fallback-seed0.json", f"{P}-fallback-seed1-realistic.json", f"{P}-fallback-seed2.json"],
                            [(f"{P}-doubt-silence.json", "nightowl_doubt_silence"),
                             (f"{P}-doubt-silence-seed2.json", "nightowl_doubt_silence")]),
+    },
+    # the product's default measured again in one run at one commit (after) against its earlier
+    # runs at several commits (before: the same settings), seeds 0-2: how far a rerun moves it
+    "rerun": {
+        "labelled": ([f"{P}-fallback-seed0.json", f"{P}-fallback-seed1-labelled.json", f"{P}-fallback-seed2.json"],
+                     [f"{P}-default.json"]),
+        "realistic_p0.3": ([(f"{P}-doubt-silence.json", "nightowl_doubt_silence"),
+                            (f"{P}-doubt-silence-seed2.json", "nightowl_doubt_silence")],
+                           [f"{P}-default.json"]),
     },
 }
 
@@ -239,27 +247,36 @@ def step_table(step: str) -> str:
     return "\n".join(lines)
 
 
-# The product's default nightly update over every seed run with its code (fallback_to_prior,
-# decision offset off: 805a9a5 / 9ed71ac for seeds 0-1, 63d2689 for seed 2), per protocol; at p =
-# 0.3 with doubt_silence (235c8b2 for seeds 0-1, 3b925b1 for seed 2, run as the row
-# nightowl_doubt_silence before it became the default). With every post labelled nothing stands,
-# and doubt_silence changes nothing: the labelled runs stand.
+# The product's default nightly update, every protocol and seed in one run of one commit.
 DEFAULT_RUNS = {
-    "labelled": [f"{P}-fallback-seed0.json", f"{P}-fallback-seed1-labelled.json", f"{P}-fallback-seed2.json"],
-    "realistic_p0.3": [(f"{P}-doubt-silence.json", "nightowl_doubt_silence"),
-                       (f"{P}-doubt-silence-seed2.json", "nightowl_doubt_silence")],
+    "labelled": [f"{P}-default.json"],
+    "realistic_p0.3": [f"{P}-default.json"],
 }
+
+
+def _answers(rows: list[dict]) -> tuple[str, str]:
+    """(answers changed vs the base, right among them; seeds' changes alike) and (users clearly
+    better / worse) from a run's answers_vs_base; dashes where the runs did not keep answers."""
+    stats = rows[0].get("answers_vs_base") if len(rows) == 1 else None
+    if not stats:
+        return "–", "–"
+    right = "–" if stats["changed_right"] is None else f"{100 * stats['changed_right']:.0f}%"
+    alike = "–" if stats["seed_correlation"] is None else f"{stats['seed_correlation']:.2f}"
+    return (f"{100 * stats['share_changed']:.1f}% ({right} right; seeds alike {alike})",
+            f"{stats['users_clearly_better']} / {stats['users_clearly_worse']}")
 
 
 def default_table() -> str:
     """The nightowl row (the product's default) over all its seeds: each user's gain averaged over
-    the seeds, a 95% bootstrap interval over users, users better / worse by that mean."""
+    the seeds, a 95% bootstrap interval over users, users better / worse by that mean, and how its
+    test answers differ from the base's (answers_vs_base)."""
     from benchmarks.personalize import bootstrap_ci  # numpy and torch: only for this table
 
     lines = [
         "| protocol | seeds (commit) | gain per seed | mean gain [95% CI] | users better / worse | "
+        "test answers changed vs the base | users clearly better / worse | "
         "answers right by day, per seed | s per user-night, per seed |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for protocol, files in DEFAULT_RUNS.items():
         rows = _rows(files, protocol)
@@ -269,9 +286,11 @@ def default_table() -> str:
         commits = ", ".join(f"{s} ({json.loads((RESULTS / (f if isinstance(f, str) else f[0])).read_text())['commit']})"
                             for f, r in zip(files, rows) for s in r["seeds"])
         per_seed = ", ".join(f"{s['gain_mean']:+.2f}" for s in seeds)
+        changed, clearly = _answers(rows)
         lines.append(
             f"| {protocol} | {commits} | {per_seed} | "
             f"{_mean(gains.values()):+.2f} [{lo:+.2f}, {hi:+.2f}] | {_better_worse(gains)} of {len(gains)} | "
+            f"{changed} | {clearly} | "
             f"{' / '.join(_pct(s['served_accuracy']) for s in seeds)} | "
             f"{' / '.join(_fmt(s['seconds_per_user_night_median'], 1) for s in seeds)} |"
         )
@@ -350,7 +369,11 @@ def systems_table() -> str:
 POWER_GAINS = (2.0, 3.0, 5.0, 8.0, 10.0, 15.0)
 
 
-def power_table(path: Path = RESULTS / "power-multipico_en-24.json") -> str:
+def _alike(rho: float) -> str:
+    return {0.0: "independently", 1.0: "the same posts"}.get(rho, f"alike {rho:g}")
+
+
+def power_table(path: Path = RESULTS / "power-multipico_en-24.json", gains: tuple | None = POWER_GAINS) -> str:
     """benchmarks.power: the shares of users a true gain shows as better / worse on the users'
     own test sets, by how often the model's changed answers are right and how alike the seeds are."""
     data = json.loads(path.read_text())
@@ -360,7 +383,7 @@ def power_table(path: Path = RESULTS / "power-multipico_en-24.json") -> str:
             f"the rarer label's median {facts['rarest_label_posts_median']:g}; base macro-F1 {facts['base_macro_f1_mean']:.2f}; "
             f"{data['seeds']} seeds a user, {data['draws']} simulated measurements a cell; `{data['command']}`. "
             "Each cell: users measured better / worse, expected share.")
-    gains = [g for g in POWER_GAINS if g in data["gains"]]
+    gains = [g for g in (gains or data["gains"]) if g in data["gains"]]
     lines = [head, "",
              "| changed answers right | seeds change | " + " | ".join(f"true gain +{g:g}" for g in gains)
              + " | smallest true gain meeting 80% / 5% |",
@@ -370,7 +393,7 @@ def power_table(path: Path = RESULTS / "power-multipico_en-24.json") -> str:
             cells = {c["true_gain"]: c for c in data["cells"] if c["precision"] == precision and c["seed_correlation"] == rho}
             smallest = data["smallest_gain_meeting_share_targets"][f"precision {precision:g}, seed correlation {rho:g}"]
             lines.append(
-                f"| {precision:.0%} | {'the same posts' if rho == 1 else 'independently'} | "
+                f"| {precision:.0%} | {_alike(rho)} | "
                 + " | ".join(f"{cells[g]['share_better']:.0%} / {cells[g]['share_worse']:.0%}" for g in gains)
                 + f" | {'none up to +' + format(max(data['gains']), 'g') if smallest is None else '+' + format(smallest, 'g')} |")
     return "\n".join(lines)
@@ -397,8 +420,10 @@ TABLES = {
     "replay": lambda: step_table("replay"),
     "rationales": lambda: step_table("rationales"),
     "joint": lambda: step_table("joint"),
+    "rerun": lambda: step_table("rerun"),
     "power": power_table,
     "power_all": lambda: power_table(RESULTS / "power-multipico_en.json"),
+    "power_measured": lambda: power_table(RESULTS / "power-multipico_en-24-measured.json", gains=None),
 }
 
 
