@@ -82,21 +82,25 @@ def personalize_table(path: Path = RESULTS / "personalization-multipico_en.json"
         p = proto["protocol"]
         what = ("every post labelled" if p["name"] == "labelled" else
                 f"wrong answers corrected with p = {p['p_correct']:g}, right ones confirmed with p = {p['p_confirm']:g}")
+        # runs that kept their test answers also say how they differ from the base's
+        answers = any(r.get("answers_vs_base") for r in proto["rows"])
         lines += [
             "",
             f"**{key}** ({what}):",
             "",
             "| row | macro-F1 | gain vs base (F1 points, 95% CI) | users better | users worse | forgetting | BWT "
-            "| labels per user | answers right | s per user-night |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| labels per user | answers right | s per user-night |"
+            + (" test answers changed vs the base | users clearly better / worse |" if answers else ""),
+            "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if answers else ""),
         ]
         for r in proto["rows"]:
             lo, hi = r["gain_ci95"]
+            changed, clearly = _answers([r]) if answers else ("", "")
             lines.append(
                 f"| {r['name']} | {r['macro_f1_mean']:.2f} | {r['gain_mean']:+.2f} [{lo:+.2f}, {hi:+.2f}] | "
                 f"{100 * r['share_better']:.0f}% | {100 * r['share_worse']:.0f}% | {_fmt(r['forgetting'])} | "
                 f"{_fmt(r['bwt'])} | {_fmt(r['labels_given_per_user'], 0)} | {_pct(r['served_accuracy'])} | "
-                f"{_fmt(r['seconds_per_user_night_median'], 1)} |"
+                f"{_fmt(r['seconds_per_user_night_median'], 1)} |" + (f" {changed} | {clearly} |" if answers else "")
             )
     return "\n".join(lines)
 
@@ -407,6 +411,11 @@ TABLES = {
     "personalize_labelled": lambda: personalize_table(RESULTS / "personalization-multipico_en-labelled.json"),
     # the realistic protocol with every wrong answer corrected (p = 1.0), three seeds
     "personalize_p1": lambda: personalize_table(RESULTS / f"{P}-p1.json"),
+    # the default's one-commit run as a full table (forgetting, BWT, labels per user)
+    "personalize_default": lambda: personalize_table(RESULTS / f"{P}-default.json"),
+    # the default on every eligible user (72) at p = 0.3, two seeds: the 24 users' figures checked
+    # on the other 48
+    "personalize_all": lambda: personalize_table(RESULTS / f"{P}-default-all.json"),
     "systems": systems_table,
     "fallback": lambda: step_table("fallback"),
     "decision": lambda: step_table("decision"),
