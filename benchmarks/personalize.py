@@ -254,6 +254,12 @@ def eligible_users(stream: Stream, cfg: BenchConfig) -> list[str]:
     return sorted(random.Random(0).sample(users, cfg.users))
 
 
+def users_rule(cfg: BenchConfig) -> str:
+    """`eligible_users`' rule in words (results files state it)."""
+    return (f"users with >= {cfg.min_feedback} feedback rows and >= {cfg.min_test} test rows"
+            + (f", a seeded subset of {cfg.users}" if cfg.users else ""))
+
+
 def days_for(stream: Stream, user: str, seed: int) -> dict[int, list[StreamRow]]:
     """The user's feedback by day: the stream's order for seed 0; other seeds re-deal the same
     rows into days of the same sizes in a shuffled order."""
@@ -736,8 +742,7 @@ def run(cfg: BenchConfig) -> dict:
         "command": command_line(cfg),
         "code_digest": cfg.code,
         "commit": _commit(),
-        "users_rule": f"users with >= {cfg.min_feedback} feedback rows and >= {cfg.min_test} test rows"
-                      + (f", a seeded subset of {cfg.users}" if cfg.users else ""),
+        "users_rule": users_rule(cfg),
         "users": users,
         "n_users": len(users),
         "n_users_in_stream": len(stream.users()),

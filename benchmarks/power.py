@@ -43,7 +43,7 @@ import numpy as np
 import typer
 from tqdm import tqdm
 
-from benchmarks.personalize import BenchConfig, Inputs, eligible_users, train_base
+from benchmarks.personalize import BenchConfig, Inputs, eligible_users, train_base, users_rule
 from benchmarks.personalize import batched_macro_f1 as macro_f1
 from benchmarks.stream import read_stream
 from nightowl.adapters.train import scores
@@ -205,18 +205,14 @@ def user_tests(stream_path: Path, users: int | None, base_model: Path | None) ->
         answers = [p.label for p in predictor.predict_inputs(inputs(rows))]
         tests.append(UserTest(u, np.array([stream.labels.index(r.label) for r in rows]),
                               np.array([stream.labels.index(a) for a in answers])))
-    facts = {"users_rule": cfg_rule(cfg), "base_model_dir": str(base_dir), "stream_header": stream.header}
+    facts = {"users_rule": users_rule(cfg), "base_model_dir": str(base_dir), "stream_header": stream.header}
     return tests, stream.labels, facts
-
-
-def cfg_rule(cfg: BenchConfig) -> str:
-    return (f"users with >= {cfg.min_feedback} feedback rows and >= {cfg.min_test} test rows"
-            + (f", a seeded subset of {cfg.users}" if cfg.users else ""))
 
 
 def test_set_facts(tests: list[UserTest], n_labels: int) -> dict:
     """What limits the measurement: test posts per user, the rarest label's count, the base's score."""
-    rarest = [int(min(np.bincount(t.gold, minlength=n_labels)[np.bincount(t.gold, minlength=n_labels) > 0])) for t in tests]
+    counts = [np.bincount(t.gold, minlength=n_labels) for t in tests]
+    rarest = [int(c[c > 0].min()) for c in counts]  # the rarest label the user's test set has
     base = [macro_f1(t.gold, t.base, n_labels).item() for t in tests]
     return {"test_posts_median": statistics.median(len(t.gold) for t in tests),
             "test_posts_min_max": [min(len(t.gold) for t in tests), max(len(t.gold) for t in tests)],

@@ -386,7 +386,7 @@ def train_base(
     for t in teacher or []:
         if not (t / "nightowl_config.json").is_file():
             raise InvalidInput(f"teacher is not a saved base model folder (no nightowl_config.json): {t}")
-        taught_labels = json.loads((t / "nightowl_config.json").read_text(encoding="utf-8")).get("labels")
+        taught_labels = FusionConfig.load(t).labels
         if taught_labels != names:
             raise InvalidInput(f"teacher {t} has labels {taught_labels}, --labels names {names}: they must be the same")
     try:
