@@ -150,15 +150,23 @@ class PersonalKit:
         return model(**batch)
 
     @torch.inference_mode()
-    def predictions(self, model: torch.nn.Module, examples: list[Example]) -> list[int]:
-        """The label index a model gives each example."""
+    def predictions(self, model: torch.nn.Module, examples: list[Example], offset: list[float] | None = None) -> list[int]:
+        """The label index a model gives each example (`offset`: a logit offset added first, one
+        not yet folded into the model's head)."""
         was = model.training
         model.eval()
         pred: list[int] = []
         for start in range(0, len(examples), 64):
-            pred += self.logits(model, examples[start : start + 64]).argmax(-1).cpu().tolist()
+            logits = self.logits(model, examples[start : start + 64])
+            if offset:
+                logits = logits + torch.tensor(offset, dtype=logits.dtype, device=logits.device)
+            pred += logits.argmax(-1).cpu().tolist()
         model.train(was)
         return pred
+
+    def shrink_path(self, model: torch.nn.Module) -> "ShrinkPath":
+        """The user's trained adapter `model` and every point between it and the base (ShrinkPath)."""
+        return ShrinkPath(model, self.predictor.pristine.head)
 
     @property
     def base_error(self) -> float | None:
@@ -227,12 +235,43 @@ class PersonalKit:
         the saved adapter carries it and plain peft serves the same answers."""
         if not delta:
             return
-        heads = [m for name, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper) and name.endswith("head")]
-        if len(heads) != 1:
-            raise RuntimeError("expected one trainable head copy in the user's adapter (modules_to_save=['head'])")
-        head = heads[0].modules_to_save[heads[0].active_adapters[0]]
+        head = user_head(model)
         with torch.no_grad():
             head.bias.add_(sign * torch.tensor(delta, dtype=head.bias.dtype, device=head.bias.device))
+
+
+def user_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The user's own copy of the head inside a peft-wrapped classifier (`modules_to_save`)."""
+    heads = [m for name, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper) and name.endswith("head")]
+    if len(heads) != 1:
+        raise RuntimeError("expected one trainable head copy in the user's adapter (modules_to_save=['head'])")
+    return heads[0].modules_to_save[heads[0].active_adapters[0]]
+
+
+class ShrinkPath:
+    """A trained user adapter shrunk towards the base model by a factor: `set(s)` makes the
+    adapter's change to the base s times what training made it. LoRA's update is B @ A with the
+    base at B = 0, so every LoRA B is scaled by s; the head copy moves to base head + s x (trained
+    head - base head). s = 1 is the adapter as trained, s = 0 the base itself (its LoRA A left
+    as trained: with B = 0 it changes nothing). The weights stay in the PEFT layout: plain peft
+    serves a shrunk adapter as it is saved. Only the weights training left are kept here, so
+    `set` can go back and forth along the path."""
+
+    def __init__(self, model: torch.nn.Module, base_head: torch.nn.Module):
+        self.model = model
+        self.lora_b = {n: p for n, p in model.named_parameters() if ".lora_B." in n or ".lora_embedding_B." in n}
+        self.trained_b = {n: p.detach().clone() for n, p in self.lora_b.items()}
+        self.head = user_head(model)
+        self.trained_head = {k: v.detach().clone() for k, v in self.head.state_dict().items()}
+        self.base_head = {k: v.detach().clone().to(self.trained_head[k].device) for k, v in base_head.state_dict().items()}
+
+    @torch.no_grad()
+    def set(self, scale: float) -> None:
+        for name, param in self.lora_b.items():
+            param.copy_(scale * self.trained_b[name])
+        for key, tensor in self.head.state_dict().items():
+            base = self.base_head[key]
+            tensor.copy_(base + scale * (self.trained_head[key] - base))
 
 
 # Offsets tried around the start, nearest first: among equally good offsets the search keeps the

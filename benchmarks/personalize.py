@@ -93,6 +93,7 @@ ROWS: dict[str, Row] = {
     "nightowl_offsets_only": Row("nightly", {"train_adapter": False, "decision_offset": True}, "defaults without the LoRA, with the decision offset: base model plus the user's offset for gate_metric, judged by folds over all the user's labels"),
     "nightowl_folds_fallback": Row("nightly", {"fallback_by_folds": True}, "defaults, the fallback of a user on the base is the base plus the night's offsets judged by folds"),
     "nightowl_trust_silence": Row("nightly", {"doubt_silence": False}, "defaults, the gate counts an answer let stand as the user's label (the default before doubt_silence)"),
+    "nightowl_shrink": Row("nightly", {"adapter_scales": [0.0, 0.25, 0.5, 0.75, 1.0]}, "defaults, each night's trained change to the base scaled by the best of 0, 1/4, 1/2, 3/4, 1 on the held-back posts (the smallest of the best)"),
     "nightowl_offsets_holdout": Row("nightly", {"train_adapter": False, "decision_offset": True, "gate_folds": 0}, "nightowl_offsets_only judged on the held-back posts instead of by folds"),
     "joint_annotator_embedding": Row("joint", about="upper reference: one model for all users, a learned embedding per user"),
 }
@@ -100,7 +101,7 @@ DEFAULT_ROWS = ["base", "nightowl", "lora_no_replay"]
 COLORS = {"base": "tab:gray", "lora_no_replay": "tab:blue", "lora_random_replay": "tab:orange", "nightowl": "tab:red",
           "nightowl_no_prior": "tab:green", "nightowl_global_replay": "tab:brown",
           "nightowl_no_standing": "tab:olive", "nightowl_tie_gate": "tab:pink", "nightowl_no_prior_fallback": "tab:cyan", "nightowl_decision_offset": "gold",
-          "nightowl_prior_only": "tab:green", "nightowl_offsets_only": "goldenrod", "nightowl_offsets_holdout": "darkkhaki", "nightowl_folds_fallback": "indigo", "nightowl_trust_silence": "teal", "nightowl_rationales": "darkgreen",
+          "nightowl_prior_only": "tab:green", "nightowl_offsets_only": "goldenrod", "nightowl_offsets_holdout": "darkkhaki", "nightowl_folds_fallback": "indigo", "nightowl_trust_silence": "teal", "nightowl_rationales": "darkgreen", "nightowl_shrink": "crimson",
           "joint_annotator_embedding": "tab:purple"}  # one colour per row in every plot
 WORK = Path(__file__).resolve().parent / "work" / "personalize"
 

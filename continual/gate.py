@@ -163,6 +163,15 @@ def judge_by_folds(
     return Verdict(promoted, reason, back_to_base, figures)
 
 
+def gate_score(config: UpdateConfig, base_error: float | None, examples: list[Example], gold: list[int],
+               pred: list[int], base_pred: list[int], n_labels: int) -> float:
+    """`gate_metric` of the answers `pred` on the gate's `examples`, answers let stand doubted as
+    `judge` doubts them (`base_pred`: the base's answers, which the doubt is about)."""
+    doubt = silence_doubt(config, base_error, examples, gold, base_pred)
+    golds, weights, at = doubted(examples, gold, doubt, n_labels)
+    return _marks(golds, [pred[i] for i in at], n_labels, weights)[config.gate_metric]
+
+
 def _marks(gold: list[int], pred: list[int], n_labels: int, weights: list[float]) -> dict[str, float]:
     if not gold:
         return {"accuracy": float("nan"), "macro_f1": float("nan")}

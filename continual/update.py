@@ -13,6 +13,8 @@ kill at any point leaves the active adapter as it was:
    night's is taken out of the head first); avalanche: a Naive strategy trains on tonight's
    experience with a ReplayPlugin whose buffer is the FAISS selection (and optional EWC / LwF
    anchored at the starting model);
+4b. shrink (`adapter_scales`; none by default): the trained change to the base, scaled by each
+   scale, scored on the held-back posts; the smallest of the best is kept;
 5. measure forgetting: the same strategy evaluates every earlier experience (one per promoted
    night) and tonight's: accuracy, avalanche's Forgetting and BWT;
 6. fold: the offset is folded into the head's bias (the candidate as it will be served);
@@ -48,7 +50,7 @@ from sqlmodel import Session
 from nightowl.adapters import registry
 from nightowl.adapters.personal import PersonalKit
 from nightowl.continual.experiences import ExampleTable, FaissReplayPlugin, IndexedModel
-from nightowl.continual.gate import Verdict, decide, judge, judge_by_folds
+from nightowl.continual.gate import Verdict, decide, gate_score, judge, judge_by_folds
 from nightowl.continual.jobs import UserJob, UserResult, require_current
 from nightowl.continual.regularizers import AnchoredEWC, anchored_lwf
 from nightowl.memory import night_queries
@@ -128,12 +130,14 @@ def update_user(rt: Runtime, job: UserJob, config: UpdateConfig | None = None) -
         # Offsets judged by folds are fitted on the base's logits: their candidate is the base plus them.
         start_from = replace(tonight, start=None, start_dir=None) if config.cross_validates_offsets else tonight
         candidate = train_candidate(kit, config, start_from, split, replay, train=config.train_adapter)
+        shrunk = shrink_candidate(kit, config, split, candidate) if config.train_adapter else {}
         metrics = {
             "n_new": len(tonight.new),
             "n_train_new": len(split.train_new),
             "n_train_standing": len(split.train_standing),
             "n_holdout": len(split.holdout),
             "replay": replay_info,
+            **shrunk,
             **measure_forgetting(rt, job, tonight, candidate),
             "logit_adjustment": candidate.adjustment,  # folded into the head; the next night takes it out
             "label_prior": candidate.prior,
@@ -295,6 +299,29 @@ def train_candidate(
     if served:  # forgetting is measured on the answers as they will be served
         model.logit_offset.copy_(torch.tensor(served))
     return Candidate(peft_model, strategy, bench.test_stream, served, prior)
+
+
+def shrink_candidate(kit: PersonalKit, config: UpdateConfig, split: Split, candidate: Candidate) -> dict[str, Any]:
+    """4b. The trained adapter's change to the base, scaled by each of `adapter_scales` and scored
+    on the held-back posts with tonight's offset (as it will be served); the smallest scale that
+    scores best is kept (in place). A change the held-back posts do not show to pay is shrunk away,
+    and the answers a shrunk adapter still moves are those it moves most. Returns the metrics
+    entries (none when nothing is tried: no scales, or no held-back posts)."""
+    holdout = split.holdout
+    if not config.adapter_scales or not holdout:
+        return {}
+    gold = [kit.labels.index(e.label) for e in holdout]
+    base_pred = kit.base_logits(holdout).argmax(-1).tolist()
+    path = kit.shrink_path(candidate.peft_model)
+    marks = {}
+    for scale in config.adapter_scales:
+        path.set(scale)
+        pred = kit.predictions(candidate.peft_model, holdout, candidate.adjustment)
+        marks[scale] = gate_score(config, kit.base_error, holdout, gold, pred, base_pred, len(kit.labels))
+    best = max(marks.values())
+    chosen = min(scale for scale, mark in marks.items() if mark >= best - 1e-9)
+    path.set(chosen)
+    return {"adapter_scale": chosen, "adapter_scale_scores": {str(scale): mark for scale, mark in marks.items()}}
 
 
 def user_offsets(kit: PersonalKit, config: UpdateConfig, tonight: Tonight, split: Split) -> tuple[list[float] | None, list[float] | None]:

@@ -155,6 +155,17 @@ class UpdateConfig(BaseModel):
         description="Train the user's LoRA adapter each night; false: only the user's logit offsets are re-fitted "
         "(the start adapter with tonight's offsets is the candidate the gate judges).",
     )
+    # The power analysis (benchmarks.power) says the users' shares move only with surer changes:
+    # the default changed 12% of test answers, 59% of them right. A smaller step along the
+    # adapter's change keeps the answers it moves most (those it is surest of).
+    adapter_scales: list[float] = Field(
+        default_factory=list,
+        description="Scales tried for the trained adapter's change to the base (every LoRA B, and the head's "
+        "difference from the base head), each in [0, 1], each judged on the held-back posts by gate_metric "
+        "(answers let stand doubted as at the gate); the smallest of the best-scoring is kept, then gated. "
+        "Empty: the adapter as trained. Needs held-back posts: without them the adapter stays as trained.",
+    )
+
     # A held-back fifth of a user's posts is about 30 by night 5: too few to show an offset's worth
     # (the gate promoted about 7 of 24 users' offsets). The offsets are fitted on the base's
     # logits, which never trained on the user's posts, so every post can be scored out of fold.
@@ -189,6 +200,14 @@ class UpdateConfig(BaseModel):
         "let stand (at most 0.5); each such answer counts for its own label by 1 - that share, the rest spread "
         "over the other labels. Off: an answer let stand counts as the user's label.",
     )
+
+    @field_validator("adapter_scales")
+    @classmethod
+    def _scales_in_unit_interval(cls, scales: list[float]) -> list[float]:
+        bad = [s for s in scales if not 0.0 <= s <= 1.0]
+        if bad:
+            raise ValueError(f"adapter_scales must lie in [0, 1]; got {bad}")
+        return sorted(set(scales))
 
     @property
     def cross_validates_offsets(self) -> bool:

@@ -776,3 +776,57 @@ def test_the_base_error_is_read_from_the_epoch_training_kept(night_rt):
     kept = training["epochs"][training["selected_epoch"] - 1]
     assert night_rt.personal.base_error == pytest.approx(1 - kept["select_accuracy"] / 100)
     assert 0 < night_rt.personal.base_error < 0.5
+
+
+def test_a_shrunk_adapter_lies_between_the_base_and_the_trained_one(night_rt, tmp_path):
+    """ShrinkPath: scale 0 answers as the base, 1 as trained, and a scale in between is saved in
+    the PEFT layout that plain peft loads to the same logits."""
+    from nightowl.adapters.personal import user_head
+    from nightowl.memory.examples import Example
+
+    kit = night_rt.personal
+    examples = [Example(i + 1, t, None, "negative") for i, t in enumerate(SARCASTIC_TEST + SARCASTIC_TRAIN[:4])]
+    model = kit.trainable(None).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # a change to the base, as training would make one
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:
+                param.normal_(0, 0.5)
+        user_head(model).weight.add_(0.5 * torch.randn_like(user_head(model).weight))
+        user_head(model).bias.add_(torch.tensor([1.0, -1.0, 0.5]))
+        base = kit.logits(kit.trainable(None).eval(), examples)
+        trained = kit.logits(model, examples)
+        path = kit.shrink_path(model)
+        path.set(0.0)
+        assert torch.allclose(kit.logits(model, examples), base, atol=1e-5)
+        path.set(0.5)
+        half = kit.logits(model, examples)
+        assert (half - base).abs().max() > 1e-2 and (half - trained).abs().max() > 1e-2
+        model.save_pretrained(tmp_path / "half")
+        path.set(1.0)
+        assert torch.allclose(kit.logits(model, examples), trained, atol=1e-5)  # back and forth along the path
+        plain = PeftModel.from_pretrained(copy.deepcopy(kit.predictor.pristine), tmp_path / "half").eval()
+        assert torch.allclose(kit.logits(plain, examples), half, atol=1e-5)
+    assert (tmp_path / "half" / "adapter_model.safetensors").is_file()
+
+
+def test_a_night_keeps_the_smallest_of_the_best_adapter_scales(night_rt):
+    """adapter_scales: every scale is scored on the held-back posts, the smallest of the best is
+    served, and the figures are recorded with the run."""
+    rt = night_rt
+    rt.update_config = UpdateConfig(epochs=8, adapter_scales=[1.0, 0.0, 0.5, 0.5])
+    assert rt.update_config.adapter_scales == [0.0, 0.5, 1.0]
+    logger.create_user(rt, "sarcastic")
+    _teach(rt, "sarcastic", SARCASTIC_TRAIN + SARCASTIC_TEST, "negative")
+    result = run_night(rt).results[0]
+    scores = result.metrics["adapter_scale_scores"]
+    assert set(scores) == {"0.0", "0.5", "1.0"} and result.metrics["n_holdout"] > 0
+    best = max(scores.values())
+    assert result.metrics["adapter_scale"] == min(float(s) for s, v in scores.items() if v >= best - 1e-9)
+
+
+def test_adapter_scales_outside_zero_to_one_are_refused():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="adapter_scales must lie in"):
+        UpdateConfig(adapter_scales=[0.5, 1.5])
