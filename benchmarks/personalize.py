@@ -29,6 +29,7 @@ labelled protocol only).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -38,10 +39,11 @@ import resource
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Iterator, Optional
 
 import numpy as np
 import torch
@@ -448,8 +450,35 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+@contextmanager
+def work_in_use(work: Path, exclusive: bool) -> Iterator[None]:
+    """Holds `work`'s lock file: a run takes it whole (another run's or its workers' hold is a
+    clear error, not two runs writing into the same homes), then shares it with its own workers;
+    each task holds a shared hold, so a worker left running after its run was killed still keeps
+    the next run out."""
+    work.mkdir(parents=True, exist_ok=True)
+    fd = os.open(work / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StreamError(f"{work} is in use by another benchmark run or its workers: wait for it, stop its "
+                              "process group, or pass another --work") from None
+        if exclusive:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # the run's own workers share it
+        yield
+    finally:
+        os.close(fd)
+
+
 def run_task(task: Task, users: list[str], base_dir: Path, global_replay: Path | None, cfg: BenchConfig,
              threads: int, position: int = 0) -> tuple[Task, dict]:
+    with work_in_use(cfg.work, exclusive=False):
+        return _run_task(task, users, base_dir, global_replay, cfg, threads, position)
+
+
+def _run_task(task: Task, users: list[str], base_dir: Path, global_replay: Path | None, cfg: BenchConfig,
+              threads: int, position: int) -> tuple[Task, dict]:
     cache = _task_cache(task, users, base_dir, cfg)
     if cache.exists():  # finished by an earlier, interrupted run of the same configuration
         return task, {**json.loads(cache.read_text()), "from_cache": True}
@@ -699,13 +728,17 @@ def run(cfg: BenchConfig) -> dict:
     unknown = set(cfg.rows) - set(ROWS)
     if unknown:
         raise StreamError(f"unknown rows {sorted(unknown)}; choose from {list(ROWS)}")
+    with work_in_use(cfg.work, exclusive=True):
+        return _run(cfg)
+
+
+def _run(cfg: BenchConfig) -> dict:
     cfg.rows = ["base"] + [r for r in cfg.rows if r != "base"]  # every gain is measured against the base
     started = time.perf_counter()
     stream = read_stream(cfg.stream)
     if stream.days < 1:
         raise StreamError("the stream has no feedback days (day >= 1)")
     users = eligible_users(stream, cfg)
-    cfg.work.mkdir(parents=True, exist_ok=True)
     base_dir = train_base(stream, cfg)
     global_replay = write_global_replay(stream, cfg)
     if any(ROWS[r].rationales for r in cfg.rows):

@@ -190,6 +190,12 @@ STEPS = {
                             (f"{P}-doubt-silence-seed2.json", "nightowl_doubt_silence")],
                            [f"{P}-default.json"]),
     },
+    # each night's trained change shrunk to the best of five scales on the held-back posts
+    # (adapter_scales, row nightowl_shrink) against the product's default's one-commit run, seeds 0-2
+    "shrink": {
+        protocol: ([f"{P}-default.json"], [(f"{P}-shrink.json", "nightowl_shrink")])
+        for protocol in ("labelled", "realistic_p0.3")
+    },
 }
 
 
@@ -430,6 +436,8 @@ TABLES = {
     "rationales": lambda: step_table("rationales"),
     "joint": lambda: step_table("joint"),
     "rerun": lambda: step_table("rerun"),
+    "shrink": lambda: step_table("shrink"),
+    "personalize_shrink": lambda: personalize_table(RESULTS / f"{P}-shrink.json"),
     "power": power_table,
     "power_all": lambda: power_table(RESULTS / "power-multipico_en.json"),
     "power_measured": lambda: power_table(RESULTS / "power-multipico_en-24-measured.json", gains=None),

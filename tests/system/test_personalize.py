@@ -136,3 +136,25 @@ def test_an_interrupted_rationale_file_is_resumed_without_its_torn_line(tmp_path
     partial.write_text("".join(json.dumps(r) + "\n" for r in done) + '{"text": "c", "asp')
     assert _finished(partial) == {("a", None, None), ("b", "t", None)}
     assert [json.loads(x) for x in partial.read_text().splitlines()] == done  # the torn tail is gone
+
+
+def test_a_second_run_in_the_same_work_folder_is_refused(tmp_path):
+    """Two runs in one work folder would write into each other's homes: the second is refused,
+    also while a killed run's worker still holds its task."""
+    import pytest
+
+    from benchmarks.personalize import work_in_use
+    from benchmarks.stream import StreamError
+
+    with work_in_use(tmp_path, exclusive=True):
+        with work_in_use(tmp_path, exclusive=False):  # the run's own workers share it
+            pass
+        with pytest.raises(StreamError, match="in use by another benchmark run"):
+            with work_in_use(tmp_path, exclusive=True):
+                pass
+    with work_in_use(tmp_path, exclusive=False):  # a worker whose run is gone
+        with pytest.raises(StreamError, match="in use"):
+            with work_in_use(tmp_path, exclusive=True):
+                pass
+    with work_in_use(tmp_path, exclusive=True):  # free again
+        pass
