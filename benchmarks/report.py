@@ -438,6 +438,7 @@ TABLES = {
     "rerun": lambda: step_table("rerun"),
     "shrink": lambda: step_table("shrink"),
     "personalize_shrink": lambda: personalize_table(RESULTS / f"{P}-shrink.json"),
+    "personalize_no_replay": lambda: personalize_table(RESULTS / f"{P}-no-replay.json"),
     "power": power_table,
     "power_all": lambda: power_table(RESULTS / "power-multipico_en.json"),
     "power_measured": lambda: power_table(RESULTS / "power-multipico_en-24-measured.json", gains=None),
