@@ -158,8 +158,8 @@ class UpdateConfig(BaseModel):
     # The power analysis (benchmarks.power) says the users' shares move only with surer changes:
     # the default changed 12% of test answers, 59% of them right. A smaller step along the
     # adapter's change keeps the answers it moves most (those it is surest of). Measured with
-    # 0, 1/4, 1/2, 3/4, 1 (row nightowl_shrink, seeds 0-2, README table:shrink): scale 0 won on
-    # about half the user-nights, yet the answers hardly moved (61% / 68% of changes right against
+    # 0, 1/4, 1/2, 3/4, 1 (row nightowl_shrink, seeds 0-2, README table:shrink): smaller scales often
+    # won, yet the answers hardly moved (61% / 68% of changes right against
     # 59% / 66%); paired against the default +0.87 [-1.72, +3.44] labelled, -0.10 [-0.62, +0.37]
     # at p = 0.3, within a rerun's reach: off.
     adapter_scales: list[float] = Field(
